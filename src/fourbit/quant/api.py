@@ -52,6 +52,11 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
     `quantize_blockwise` (which bins the scaled value into 65536 steps and looks its code up)."""
     offset = absmax.mean()
     centred = absmax - offset
+    if not bool(torch.isfinite(centred).all()):  # bitsandbytes would store an inf offset: every value decodes NaN
+        raise ValueError(
+            f"block maxima up to {float(absmax.max()):.3g} overflow fp32 in double quantization; "
+            "quantize this tensor with double_quant=False"
+        )
     n = centred.numel()
     n_nested = -(-n // NESTED_BLOCKSIZE)
     padded = torch.nn.functional.pad(centred, (0, n_nested * NESTED_BLOCKSIZE - n)).view(n_nested, NESTED_BLOCKSIZE)
