@@ -31,6 +31,69 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(format_report(rows))
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from fourbit.models.quantize_checkpoint import quantize_checkpoint
+
+    out = quantize_checkpoint(args.model, args.out, args.quant_type, not args.no_double_quant, args.blocksize)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def _load_for_generation(args: argparse.Namespace):
+    import fourbit
+
+    adapters = _parse_adapters(args.adapter)
+    model, tokenizer = fourbit.load(args.model, adapter=adapters or None)
+    if adapters and args.use:
+        from fourbit.ship.adapters import set_active_adapters
+
+        set_active_adapters(model, args.use)
+    return model, tokenizer
+
+
+def _parse_adapters(items: list[str] | None) -> dict[str, str] | list[str]:
+    """`--adapter DIR` (named after the folder) or `--adapter name=DIR`, repeatable."""
+    if not items:
+        return {}
+    named = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item).name, item
+        if name in named:
+            raise UserError(f"--adapter {item}: the name {name!r} is given twice")
+        named[name] = path
+    return named
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from fourbit.serve.generate import generate_records, generate_text
+
+    if (args.prompt is None) == (args.data is None):
+        raise UserError("give either --prompt TEXT or --data IN.jsonl --out OUT.jsonl")
+    if args.data is not None and args.out is None:
+        raise UserError("--data needs --out OUT.jsonl")
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    seed=args.seed, chat=not args.no_chat)  # fmt: skip
+    if args.prompt is not None:
+        model, tokenizer = _load_for_generation(args)
+
+        def show(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        generate_text(model, tokenizer, args.prompt, on_text=show, **sampling)
+        sys.stdout.write("\n")
+        return
+    from fourbit.data.records import read_records
+    from fourbit.ship.files import write_jsonl_atomic
+
+    records = read_records(args.data)  # bad input fails before the model loads
+    model, tokenizer = _load_for_generation(args)
+    answered = generate_records(model, tokenizer, records, batch_size=args.batch_size, **sampling)
+    write_jsonl_atomic(args.out, answered)
+    print(f"wrote {len(answered)} records to {args.out}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fourbit", description="QLoRA fine-tuning: 4-bit base, LoRA adapters.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -42,6 +105,29 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--blocksize", type=int, default=64)
     report.add_argument("--no-double-quant", action="store_true")
     report.set_defaults(func=cmd_report)
+
+    quant = sub.add_parser("quantize", help="write a 4-bit checkpoint in the transformers + bitsandbytes layout")
+    quant.add_argument("model", help="model folder, .gguf file or bundled name")
+    quant.add_argument("--out", required=True, help="output folder")
+    quant.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
+    quant.add_argument("--blocksize", type=int, default=64)
+    quant.add_argument("--no-double-quant", action="store_true")
+    quant.set_defaults(func=cmd_quantize)
+
+    gen = sub.add_parser("generate", help="complete a prompt (streamed) or every record of a JSONL file")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help="model folder, .gguf file or bundled name")
+    gen.add_argument("--adapter", action="append", help="adapter folder, or name=folder; repeatable")
+    gen.add_argument("--use", help="which adapter(s) to apply, comma-separated (default: all given)")
+    gen.add_argument("--prompt", help="text to complete")
+    gen.add_argument("--data", help="JSONL of records (messages or prompt) to answer")
+    gen.add_argument("--out", help="JSONL to write the answered records to (with --data)")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    gen.set_defaults(func=cmd_generate)
     return parser
 
 
