@@ -84,8 +84,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         generate_text(model, tokenizer, args.prompt, on_text=show, **sampling)
         sys.stdout.write("\n")
         return
+    from fourbit.atomic import write_jsonl_atomic
     from fourbit.data.records import read_records
-    from fourbit.ship.files import write_jsonl_atomic
 
     records = read_records(args.data)  # bad input fails before the model loads
     model, tokenizer = _load_for_generation(args)

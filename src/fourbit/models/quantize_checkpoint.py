@@ -8,7 +8,6 @@ written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from fourbit.atomic import atomic_folder, commit_folder
 from fourbit.models import bnb_checkpoint
 from fourbit.models.loader import _build_on_meta, _linear_targets, _read_headers, _weight_files
 from fourbit.models.resolve import resolve_model
@@ -27,25 +27,6 @@ SIDE_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
 )  # fmt: skip
-
-
-def atomic_folder(out: Path) -> Path:
-    """A fresh temporary folder beside `out`; `commit_folder` renames it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def commit_folder(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
 
 
 def quantize_checkpoint(

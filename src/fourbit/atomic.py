@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -24,3 +25,23 @@ def write_atomic(path: str | Path, data: bytes) -> None:
 
 def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+
+
+def atomic_folder(out: Path) -> Path:
+    """A fresh temporary folder beside `out`, to fill and then hand to `commit_folder`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def commit_folder(tmp: Path, out: Path) -> None:
+    """Rename a completed temporary folder to `out`, replacing what was there."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
