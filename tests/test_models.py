@@ -1,0 +1,170 @@
+"""Loading Hugging Face checkpoints in 4 bits, the bitsandbytes checkpoint layout both ways, and bad input."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tiny_models import save_tiny_model
+from transformers import AutoModelForCausalLM
+
+import fourbit
+from fourbit.models.loader import CheckpointError
+from fourbit.models.quantize_checkpoint import quantize_checkpoint
+from fourbit.nn import QLoRALinear
+
+ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: save_tiny_model(root / arch, arch) for arch in ARCHITECTURES}
+
+
+def dequantized_reference(folder, model):
+    """transformers' own model from the same folder, with every quantized weight replaced by fourbit's dequantized
+    values: what the 4-bit model must compute."""
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    for name, module in model.named_modules():
+        if isinstance(module, QLoRALinear):
+            ref.get_submodule(name).weight.data = module.dense_weight().float()
+    return ref
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_load_matches_transformers_on_dequantized_weights(tiny_dirs, arch):
+    model, tokenizer = fourbit.load(tiny_dirs[arch], progress=False)
+    layers = [m for m in model.modules() if isinstance(m, QLoRALinear)]
+    n_linear = 7 if arch != "phi3" else 4  # phi3 fuses qkv and gate/up
+    assert len(layers) == 2 * n_linear
+    assert model.get_output_embeddings().weight.dtype == torch.float32  # head stays in compute dtype
+    ids = tokenizer("Hello, 4-bit world!", return_tensors="pt")["input_ids"]
+    ref = dequantized_reference(tiny_dirs[arch], model)
+    with torch.no_grad():
+        got, want = model(ids).logits, ref(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # and the 4-bit error is visible but small against the original weights
+    orig = AutoModelForCausalLM.from_pretrained(tiny_dirs[arch], dtype=torch.float32)
+    with torch.no_grad():
+        assert 0 < (orig(ids).logits - got).abs().max() < 1.0
+
+
+def test_labels_and_generate_work(tiny_dirs):
+    model, tokenizer = fourbit.load(tiny_dirs["llama"], progress=False)
+    ids = tokenizer("abc abc abc", return_tensors="pt")["input_ids"]
+    out = model(ids, labels=ids)
+    assert torch.isfinite(out.loss)
+    gen = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert gen.shape[1] == ids.shape[1] + 5
+
+
+def test_quantized_bytes_equal_bitsandbytes(tiny_dirs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import bitsandbytes.functional as bnb_f
+    model, _ = fourbit.load(tiny_dirs["llama"], progress=False)
+    original = load_file(tiny_dirs["llama"] / "model.safetensors")
+    w = original["model.layers.1.mlp.down_proj.weight"]
+    packed, state = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    q = model.get_submodule("model.layers.1.mlp.down_proj").weight_4bit
+    assert torch.equal(q.packed, packed.reshape(-1))
+    assert torch.equal(q.absmax, state.absmax)
+
+
+@pytest.fixture(scope="module")
+def bnb_available():
+    pytest.importorskip("bitsandbytes")
+
+
+def _bnb_config():
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+
+
+def test_fourbit_checkpoint_loads_in_transformers_bnb(tiny_dirs, tmp_path, bnb_available):
+    out = quantize_checkpoint(tiny_dirs["llama"], tmp_path / "q4", progress=False)
+    # the bytes are those bitsandbytes makes from the original weights, quantized by transformers itself
+    theirs = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], quantization_config=_bnb_config(),
+                                                  device_map="cpu")  # fmt: skip
+    their_state = {k: v for k, v in theirs.state_dict().items()}
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        for key in f.keys():
+            if key.endswith("q_proj.weight") or key.endswith("q_proj.weight.absmax"):
+                assert torch.equal(f.get_tensor(key).reshape(-1), their_state[key].reshape(-1)), key
+    loaded = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    ours, _ = fourbit.load(out, progress=False)
+    ids = torch.tensor([[5, 80, 120, 33, 7, 250]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits.float(), ours(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_transformers_bnb_checkpoint_loads_in_fourbit(tiny_dirs, tmp_path, bnb_available):
+    theirs = AutoModelForCausalLM.from_pretrained(tiny_dirs["qwen2"], quantization_config=_bnb_config(),
+                                                  device_map="cpu")  # fmt: skip
+    theirs.save_pretrained(tmp_path / "bnb")  # before any forward: a CPU forward repacks bnb's weights
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (tmp_path / "bnb" / name).write_bytes((tiny_dirs["qwen2"] / name).read_bytes())
+    ours, _ = fourbit.load(tmp_path / "bnb", progress=False)
+    ids = torch.tensor([[5, 80, 120, 33, 7, 250]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits.float(), rtol=1e-3, atol=1e-3)
+
+
+# --- bad input: one clear error naming the file or tensor -------------------------------------------------------
+
+
+def test_missing_folder():
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        fourbit.load("no-such-model")
+
+
+def test_truncated_safetensors(tiny_dirs, tmp_path):
+    bad = tmp_path / "trunc"
+    bad.mkdir()
+    for f in tiny_dirs["llama"].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
+        fourbit.load(bad, progress=False)
+
+
+def test_shape_disagrees_with_config(tiny_dirs, tmp_path):
+    bad = tmp_path / "shape"
+    bad.mkdir()
+    for f in tiny_dirs["llama"].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    config = json.loads((bad / "config.json").read_text())
+    config["intermediate_size"] = 128
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"gate_proj\.weight has shape \[96, 64\].*\[128, 64\]"):
+        fourbit.load(bad, progress=False)
+
+
+def test_missing_tensor(tiny_dirs, tmp_path):
+    bad = tmp_path / "missing"
+    bad.mkdir()
+    for f in tiny_dirs["llama"].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(bad / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, bad / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight"):
+        fourbit.load(bad, progress=False)
+
+
+def test_unsupported_architecture(tiny_dirs, tmp_path):
+    bad = tmp_path / "arch"
+    bad.mkdir()
+    for f in tiny_dirs["llama"].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    config = json.loads((bad / "config.json").read_text())
+    config["model_type"] = "no-such-arch"
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json"):
+        fourbit.load(bad, progress=False)
