@@ -35,7 +35,7 @@ def tiny_config(model_type: str, **overrides):
     from transformers import AutoConfig
 
     common = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, eos_token_id=VOCAB - 1, pad_token_id=256,
         bos_token_id=None, tie_word_embeddings=False,
     )  # fmt: skip

@@ -49,12 +49,12 @@ def to_bnb_tensors(prefix: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
     out = {
         f"{prefix}weight": q.packed.reshape(-1, 1),
         f"{prefix}weight.absmax": q.absmax,
-        f"{prefix}weight.quant_map": code_table(q.quant_type, q.device),
+        f"{prefix}weight.quant_map": code_table(q.quant_type, q.device).clone(),  # own storage per tensor
     }
     if q.double_quant:
         state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=q.nested_offset)
         out[f"{prefix}weight.nested_absmax"] = q.nested_absmax
-        out[f"{prefix}weight.nested_quant_map"] = dynamic_map(q.device)
+        out[f"{prefix}weight.nested_quant_map"] = dynamic_map(q.device).clone()
     blob = json.dumps(state).encode()
     out[f"{prefix}{QUANT_STATE_SUFFIX}{q.quant_type}"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     return out

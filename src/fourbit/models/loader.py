@@ -8,7 +8,9 @@ tensor. Checkpoints already in the transformers + bitsandbytes 4-bit layout load
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,10 +83,29 @@ def _read_headers(files: list[Path]) -> dict[str, Path]:
     return where
 
 
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Inside the block, every parameter a module registers is replaced by a meta tensor (no memory, and its random
+    init costs nothing), while buffers stay real: computed ones, such as rotary frequencies or embedding scales, are
+    then right without knowing each architecture."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
 def _build_on_meta(config, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with _parameters_on_meta():
         try:
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
         except ValueError as err:
@@ -96,17 +117,6 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
         module._parameters[name] = nn.Parameter(value, requires_grad=False)
     else:
         module._buffers[name] = value
-
-
-def _materialize_buffers(model: nn.Module, device: str) -> None:
-    # Non-persistent buffers (rotary inverse frequencies) are computed, not stored: make them real, then let the
-    # model's own initializer fill them, as transformers does.
-    for module in model.modules():
-        meta = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
-        if meta:
-            for n in meta:
-                module._buffers[n] = torch.empty_like(module._buffers[n], device=device)
-            model._init_weights(module)
 
 
 def _linear_targets(model: nn.Module, skip: list[str]) -> dict[str, nn.Linear]:
@@ -243,10 +253,10 @@ def load_model(folder: Path, opts: LoadOptions, progress: bool = True) -> nn.Mod
         out, inp = model.get_output_embeddings(), model.get_input_embeddings()
         if out is not None and out.weight.is_meta:
             out.weight = inp.weight
-    _materialize_buffers(model, opts.device)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise CheckpointError(f"{folder}: checkpoint has no tensor {missing[0]} ({len(missing)} missing in all)")
+    model.to(opts.device)  # computed buffers were made on the CPU
     model.requires_grad_(False)
     model.eval()
     model.fourbit_load_options = opts

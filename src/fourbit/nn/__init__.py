@@ -1,0 +1,11 @@
+"""The QLoRA linear layer and its autograd function."""
+
+from fourbit.nn.qlora_linear import (
+    Linear4bitFunction,
+    QLoRALinear,
+    adapter_routing,
+    qlora_layers,
+    set_active_adapters,
+)
+
+__all__ = ["Linear4bitFunction", "QLoRALinear", "adapter_routing", "qlora_layers", "set_active_adapters"]
