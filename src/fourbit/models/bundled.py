@@ -67,6 +67,7 @@ def gguf_model_dir(gguf_path: str | Path, name: str | None = None) -> Path:
 
 def _convert_gguf(gguf_path: Path, out: Path) -> None:
     import torch
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -76,9 +77,21 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
     except (ValueError, KeyError, OSError, RuntimeError) as err:
         raise ValueError(f"{gguf_path}: cannot read this GGUF as a causal LM ({err})") from None
+    # transformers refuses save_pretrained on a GGUF-loaded model (it counts as quantized): write the parts ourselves
+    config = model.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.dtype = torch.bfloat16
+    config.architectures = [type(model).__name__]
+    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
     tmp = atomic_folder(out)
     try:
-        model.to(torch.bfloat16).save_pretrained(tmp)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         commit_folder(tmp, out)
     except BaseException:

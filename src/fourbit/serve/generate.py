@@ -59,7 +59,9 @@ class _Printer:
             self.printed = len(text)
 
     def end(self) -> None:
-        pass
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(text) > self.printed:
+            self.on_text(text[self.printed :])
 
 
 @torch.inference_mode()

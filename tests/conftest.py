@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny random models (built once per session) and the bundled SmolLM2 (converted once)."""
+
+import pytest
+from tiny_models import save_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def bundled_dir():
+    from fourbit.models.bundled import bundled_model_dir
+
+    return bundled_model_dir("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def bundled(bundled_dir):
+    """The bundled model in 4 bits (NF4, double quantization) and its tokenizer, loaded once."""
+    import fourbit
+
+    return fourbit.load(bundled_dir, progress=False)
