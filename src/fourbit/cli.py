@@ -44,7 +44,7 @@ def _load_for_generation(args: argparse.Namespace):
     adapters = _parse_adapters(args.adapter)
     model, tokenizer = fourbit.load(args.model, adapter=adapters or None)
     if adapters and args.use:
-        from fourbit.ship.adapters import set_active_adapters
+        from fourbit.nn import set_active_adapters
 
         set_active_adapters(model, args.use)
     return model, tokenizer

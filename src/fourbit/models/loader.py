@@ -149,7 +149,7 @@ def load(
     net = load_model(folder, opts, progress=progress)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if adapter is not None:
-        from fourbit.ship.adapters import load_adapters
+        from fourbit.models.adapters import load_adapters
 
         load_adapters(net, adapter)
     return net, tokenizer

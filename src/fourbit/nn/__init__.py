@@ -2,10 +2,11 @@
 
 from fourbit.nn.qlora_linear import (
     Linear4bitFunction,
+    LoraSettings,
     QLoRALinear,
     adapter_routing,
     qlora_layers,
     set_active_adapters,
 )
 
-__all__ = ["Linear4bitFunction", "QLoRALinear", "adapter_routing", "qlora_layers", "set_active_adapters"]
+__all__ = ["Linear4bitFunction", "LoraSettings", "QLoRALinear", "adapter_routing", "qlora_layers", "set_active_adapters"]

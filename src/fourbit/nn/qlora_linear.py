@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,6 +36,18 @@ class Linear4bitFunction(torch.autograd.Function):
         return grad_x, None
 
 
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
 class QLoRALinear(nn.Module):
     def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None = None, compute_dtype=torch.float32):
         super().__init__()
@@ -52,7 +65,7 @@ class QLoRALinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
-        self.lora_scaling: dict[str, float] = {}
+        self.lora_settings: dict[str, LoraSettings] = {}
         self.active: dict[str, float] = {}  # adapter name -> weight in the sum
         self.routing: tuple[torch.Tensor, list[str]] | None = None  # per-row adapters, see adapter_routing
 
@@ -90,14 +103,14 @@ class QLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[name].weight)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_settings[name] = LoraSettings(r, alpha, dropout, use_rslora)
         if activate:
             self.active[name] = 1.0
 
     def delete_adapter(self, name: str) -> None:
         for d in (self.lora_A, self.lora_B, self.lora_dropout):
             del d[name]
-        del self.lora_scaling[name]
+        del self.lora_settings[name]
         self.active.pop(name, None)
 
     @property
@@ -123,7 +136,7 @@ class QLoRALinear(nn.Module):
 
     def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_A[name], self.lora_B[name]
-        return b(a(self.lora_dropout[name](x.to(a.weight.dtype)))) * self.lora_scaling[name]
+        return b(a(self.lora_dropout[name](x.to(a.weight.dtype)))) * self.lora_settings[name].scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_c = x.to(self.compute_dtype)
@@ -150,7 +163,7 @@ class QLoRALinear(nn.Module):
             spec = self.active if merge_adapters is True else dict.fromkeys(merge_adapters, 1.0)
             for name, weight in spec.items():
                 delta = self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()
-                w = w + delta * (self.lora_scaling[name] * weight)
+                w = w + delta * (self.lora_settings[name].scaling * weight)
         return w.to(dtype or self._meta[1])
 
     def to_linear(self, merge_adapters: bool | list[str] = False, dtype: torch.dtype | None = None) -> nn.Linear:
