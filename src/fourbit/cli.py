@@ -94,6 +94,70 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"wrote {len(answered)} records to {args.out}", file=sys.stderr)
 
 
+TRAIN_HELP = {
+    "model": "model folder, .gguf file or bundled name",
+    "data": "training records: JSONL, JSON, Parquet, CSV or a datasets folder",
+    "out": "output folder (adapter, metrics, loss plot, checkpoints)",
+    "eval_data": "held-out records for the eval loss",
+    "epochs": "passes over the data (max-steps wins)",
+    "max_steps": "optimizer steps to run",
+    "batch_size": "sequences per micro-batch per process",
+    "grad_accum": "micro-batches per optimizer step",
+    "target": "all-linear, or module names such as q_proj,v_proj",
+    "save_every": "steps between checkpoints",
+    "keep": "checkpoints to keep",
+    "resume": "continue from the newest complete checkpoint in OUT",
+    "dry_run": "print the plan (parameters, memory, tokens, steps) and exit",
+    "show_masked": "print the first N examples with the loss-carrying text in [[ ]] and exit",
+    "skip_bad_records": "skip and count bad records instead of stopping",
+}
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, named like its YAML key; defaults stay None so the YAML file and the
+    dataclass defaults show through (a flag wins over the file)."""
+    import dataclasses
+    import typing
+
+    from fourbit.train.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    parser.add_argument("--config", help="YAML file of settings (keys named like the flags)")
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        helptext = TRAIN_HELP.get(field.name, "") + f" (default: {field.default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        else:
+            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+            parser.add_argument(flag, type=base, default=None, help=helptext)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from fourbit.train.config import TrainConfig, load_yaml, resolve_config
+    from fourbit.train.trainer import train
+
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    config = resolve_config(load_yaml(args.config) if args.config else {}, flags)
+    if config.data is None:
+        raise UserError("--data FILE is required (or `data:` in the --config file)")
+    if config.out is None and not (config.dry_run or config.show_masked):
+        raise UserError("--out DIR is required (or `out:` in the --config file)")
+    train(config)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from fourbit.serve.evaluate import evaluate, format_eval
+
+    adapters = _parse_adapters(args.adapter)
+    report = evaluate(args.model, args.data, adapters or None, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, max_length=args.max_length, out=args.out)  # fmt: skip
+    print(format_eval(report))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fourbit", description="QLoRA fine-tuning: 4-bit base, LoRA adapters.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -128,6 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=8)
     gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     gen.set_defaults(func=cmd_generate)
+
+    tr = sub.add_parser("train", help="QLoRA fine-tuning: train a LoRA adapter on a 4-bit base")
+    _add_train_flags(tr)
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="loss, perplexity and exact-match accuracy on a data file")
+    ev.add_argument("--model", default=DEFAULT_MODEL, help="model folder, .gguf file or bundled name")
+    ev.add_argument("--adapter", action="append", help="adapter folder, or name=folder; repeatable")
+    ev.add_argument("--data", required=True, help="records; those with a reference answer are scored exactly")
+    ev.add_argument("--out", help="also write the answered records to this JSONL")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--max-length", type=int, default=1024)
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

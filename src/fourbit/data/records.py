@@ -61,11 +61,51 @@ def record_kind(rec: dict, where: str, need_completion: bool = True) -> str:
     raise RecordError(f"{where}: a record needs 'messages', 'prompt' (+ 'completion') or 'text'; got keys {sorted(rec)}")
 
 
-def read_records(path: str | Path) -> list[Record]:
-    """Every record of a JSONL or JSON file (JSON: a list of objects), each tagged with its file:line."""
+def _decode_json_columns(row: dict) -> dict:
+    # tables store a chat as a JSON string (CSV) or as a list of structs (Parquet, datasets)
+    msgs = row.get("messages")
+    if isinstance(msgs, str):
+        try:
+            row = dict(row, messages=json.loads(msgs))
+        except json.JSONDecodeError:
+            pass  # record_kind reports the bad shape with its row
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def read_records(path: str | Path, bad: list[RecordError] | None = None) -> list[Record]:
+    """Every record of a data file, each tagged with where it came from (file:line, or file:row N for tables).
+    JSONL (any other suffix), JSON (a list of objects), Parquet, CSV, or a folder saved by `datasets`.
+    A malformed JSONL line raises a RecordError, or is appended to `bad` when a list is given."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such data file")
+    if path.is_dir():
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError(f"{path}: reading a dataset folder needs the `datasets` package") from None
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as err:
+            raise RecordError(f"{path}: not a dataset folder saved by `datasets` ({err})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        return [Record(_decode_json_columns(row), f"{path}:row {i + 1}") for i, row in enumerate(ds)]
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as err:
+            raise RecordError(f"{path}: not a readable Parquet file ({err})") from None
+        return [Record(_decode_json_columns(row), f"{path}:row {i + 1}") for i, row in enumerate(rows)]
+    if path.suffix == ".csv":
+        import csv
+
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            # the header is line 1; a record that spans lines is named by the line it starts on
+            return [Record(_decode_json_columns(row), f"{path}:{i + 2}") for i, row in enumerate(reader)]
     if path.suffix == ".json":
         try:
             items = json.loads(path.read_text())
@@ -73,7 +113,7 @@ def read_records(path: str | Path) -> list[Record]:
             raise RecordError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
         if not isinstance(items, list):
             raise RecordError(f"{path}: a .json data file must hold a list of records")
-        return [Record(item, f"{path}:item {i}") for i, item in enumerate(items)]
+        return [Record(item, f"{path}:item {i + 1}") for i, item in enumerate(items)]
     records = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -82,5 +122,8 @@ def read_records(path: str | Path) -> list[Record]:
             try:
                 records.append(Record(json.loads(line), f"{path}:{lineno}"))
             except json.JSONDecodeError as err:
-                raise RecordError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+                error = RecordError(f"{path}:{lineno}: malformed JSON ({err.msg})")
+                if bad is None:
+                    raise error from None
+                bad.append(error)
     return records

@@ -45,3 +45,14 @@ def loss_sum(model, batch: dict[str, torch.Tensor], chunk_tokens: int = CHUNK_TO
         else:
             total = total + _chunk_loss(h, t, head, softcap)
     return total, int(targets.numel())
+
+
+class LossModule(torch.nn.Module):
+    """The model with `loss_sum` as its forward, so DistributedDataParallel sees the whole computation."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return loss_sum(self.model, batch)
