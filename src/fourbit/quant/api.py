@@ -97,4 +97,6 @@ def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None) -> tor
     `dequantize_4bit`: code * scale in fp32, then one rounding."""
     dtype = q.dtype if dtype is None else dtype
     with torch.no_grad():
+        if dtype not in FLOAT_DTYPES:  # e.g. float64 for references: the fp32 values are exact
+            return kernels_for(q.device).dequantize(q, torch.float32).view(q.shape).to(dtype)
         return kernels_for(q.device).dequantize(q, dtype).view(q.shape)

@@ -23,19 +23,42 @@ def _row_tiles(q: QuantizedTensor) -> list[tuple[int, int]]:
     return [(r, min(n, r + rows)) for r in range(0, n, rows)]
 
 
+_tile_buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _tile_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # one reused buffer per dtype and device: a fresh tile each call would fault in new pages every time, which
+    # costs more than decoding into it
+    buf = _tile_buffers.get((dtype, device))
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        _tile_buffers[(dtype, device)] = buf
+    return buf
+
+
+def _tiles(q: QuantizedTensor, dtype: torch.dtype, device: torch.device):
+    """(first row, last row, dense tile) over W, each tile decoded into the same buffer."""
+    n, k = q.shape
+    kernels = kernels_for(device)
+    tiles = _row_tiles(q)
+    buf = _tile_buffer(max(r1 - r0 for r0, r1 in tiles) * k, dtype, device)
+    for r0, r1 in tiles:
+        yield r0, r1, kernels.dequantize(q, dtype, r0 * k, r1 * k, out=buf).view(r1 - r0, k)
+
+
+def _fused(kernels, rows: int, q: QuantizedTensor) -> bool:
+    return rows <= FUSED_MAX_ROWS and hasattr(kernels, "fused_ok") and kernels.fused_ok(q)  # native only
+
+
 def linear_4bit(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     """x [..., K] @ W.T -> [..., N], in x's dtype."""
     n, k = q.shape
     x2d = x.reshape(-1, k)
     kernels = kernels_for(x.device)
-    if x2d.shape[0] <= FUSED_MAX_ROWS and hasattr(kernels, "matmul_nt"):  # only native kernels fuse
+    if _fused(kernels, x2d.shape[0], q):
         return kernels.matmul_nt(x2d, q).view(*x.shape[:-1], n)
     out = x2d.new_empty(x2d.shape[0], n)
-    scales = q.block_scales()
-    for r0, r1 in _row_tiles(q):
-        tile = kernels.dequantize_blocks(
-            q.packed, scales, q.blocksize, q.quant_type, q.numel, x.dtype, r0 * k, r1 * k
-        ).view(r1 - r0, k)
+    for r0, r1, tile in _tiles(q, x.dtype, x.device):
         torch.matmul(x2d, tile.t(), out=out[:, r0:r1])
     return out.view(*x.shape[:-1], n)
 
@@ -45,13 +68,9 @@ def linear_4bit_t(g: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     n, k = q.shape
     g2d = g.reshape(-1, n)
     kernels = kernels_for(g.device)
-    if g2d.shape[0] <= FUSED_MAX_ROWS and hasattr(kernels, "matmul_nn"):
+    if _fused(kernels, g2d.shape[0], q):
         return kernels.matmul_nn(g2d, q).view(*g.shape[:-1], k)
     out = g2d.new_zeros(g2d.shape[0], k)
-    scales = q.block_scales()
-    for r0, r1 in _row_tiles(q):
-        tile = kernels.dequantize_blocks(
-            q.packed, scales, q.blocksize, q.quant_type, q.numel, g.dtype, r0 * k, r1 * k
-        ).view(r1 - r0, k)
+    for r0, r1, tile in _tiles(q, g.dtype, g.device):
         out.addmm_(g2d[:, r0:r1], tile)
     return out.view(*g.shape[:-1], k)

@@ -3,8 +3,8 @@ byte for byte.
 
 Both kernel modules (this one and `fourbit.quant.native`) offer the same functions:
 - `quantize_blocks(x, blocksize, quant_type) -> (packed uint8 [(n+1)//2], absmax fp32 [n_blocks])`
-- `dequantize_blocks(packed, scales, blocksize, quant_type, numel, dtype, start=0, end=None) -> 1-D tensor`
-- `dequantize(q, dtype, start=0, end=None)`: the same for a QuantizedTensor (double quantization decoded).
+- `dequantize(q, dtype, start=0, end=None, out=None) -> flat elements [start, end) of q`, code * scale in fp32
+  then one rounding to dtype (double quantization decoded first).
 The native module adds the fused small-batch products `matmul_nt(x2d, q)` (x @ W.T) and `matmul_nn(g2d, q)` (g @ W).
 """
 
@@ -76,6 +76,13 @@ def dequantize_blocks(
     return values.reshape(-1)[start - lo : end - lo].to(dtype)
 
 
-def dequantize(q: QuantizedTensor, dtype: torch.dtype, start: int = 0, end: int | None = None) -> torch.Tensor:
-    return dequantize_blocks(q.packed, q.block_scales(), q.blocksize, q.quant_type, q.numel, dtype, start, end)
+def dequantize(q: QuantizedTensor, dtype: torch.dtype, start: int = 0, end: int | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    scales = q.block_scales()
+    values = dequantize_blocks(q.packed, scales, q.blocksize, q.quant_type, q.numel, dtype, start, end)
+    if out is None:
+        return values
+    view = out.view(-1)[: values.numel()]
+    view.copy_(values)
+    return view
 

@@ -1,9 +1,118 @@
-"""Native C++ kernels (placeholder until the extension lands): reports unavailable so the pure-torch path runs."""
+"""Native C++ kernels, built on first use with torch's extension tools into a per-user cache.
+
+The build takes about a minute once (mostly torch's headers); later processes load the cached library in
+milliseconds. Vector paths are chosen at run time from the CPU's features (AVX-512, else portable C++), never with
+-march=native, since the cached library may be used on another machine. Where no compiler is available, or the
+build fails, `available()` is False and fourbit runs its pure-torch kernels, which give identical bytes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from fourbit.quant import torch_kernels
+from fourbit.quant.codes import code_table, dynamic_map, rounding_table
+from fourbit.quant.tensor import QuantizedTensor
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+_module = None
+_error: str | None = None
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("FOURBIT_CACHE"):
+        root = Path(os.environ["FOURBIT_CACHE"])
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fourbit"
+    tag = hashlib.sha256(
+        SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode()
+    ).hexdigest()[:16]
+    return root / "kernels" / tag
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    build_dir = _cache_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits for the first build instead of racing it
+        if not any(build_dir.glob("*.so")):
+            print("fourbit: building native kernels (once, about a minute)", file=sys.stderr)
+        return cpp_extension.load(
+            name="fourbit_kernels",
+            sources=[str(SOURCE)],
+            build_directory=str(build_dir),
+            extra_cflags=["-O3", "-ffp-contract=off", "-fno-math-errno"],
+            verbose=False,
+        )
 
 
 def available() -> bool:
-    return False
+    """True when the extension is built (building it on first call); never raises."""
+    global _module, _error
+    if _module is None and _error is None:
+        try:
+            _module = _build()
+        except Exception as err:  # no compiler, unsupported platform, ...: fall back to pure torch
+            _error = f"{type(err).__name__}: {err}".splitlines()[0]
+    return _module is not None
 
 
 def build_error() -> str:
-    return "native kernels not built yet"
+    return _error or ""
+
+
+def cpu_path() -> str:
+    return _module.cpu_path() if available() else "unavailable"
+
+
+def quantize_blocks(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    midpoints, order = rounding_table(quant_type)
+    packed, absmax, bad = _module.quantize(x.contiguous(), blocksize, midpoints, order)
+    if int(bad[0]):
+        torch_kernels.check_finite(x)  # raises, naming the first bad element
+    return packed, absmax
+
+
+def _scale_args(q: QuantizedTensor) -> tuple:
+    if q.nested_absmax is None:
+        return q.absmax, None, None, 0.0
+    return q.absmax, q.nested_absmax, dynamic_map(q.device), q.nested_offset
+
+
+def dequantize(q: QuantizedTensor, dtype: torch.dtype, start: int = 0, end: int | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Decode flat elements [start, end) of q (double quantization decoded inside the kernel), into `out` when
+    given (a reused buffer avoids faulting in fresh pages, which costs more than the decode itself)."""
+    end = q.numel if end is None else end
+    return _module.dequantize(q.packed, *_scale_args(q), code_table(q.quant_type), q.blocksize, start, end, dtype,
+                              out)  # fmt: skip
+
+
+def fused_ok(q: QuantizedTensor) -> bool:
+    """The fused products need every 32-element chunk of a row inside one block: K % 32 == 0."""
+    return len(q.shape) == 2 and q.shape[1] % 32 == 0
+
+
+def matmul_nt(x2d: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
+    """x2d [M, K] @ W.T, W decoded on the fly (M <= 16), in x2d's dtype, accumulated in fp32."""
+    n, k = q.shape
+    xf = x2d.float().reshape(-1, k // 2, 2)
+    even, odd = xf[..., 0].contiguous(), xf[..., 1].contiguous()
+    out = _module.matmul_nt(even, odd, q.packed, *_scale_args(q), code_table(q.quant_type), q.blocksize, n, k)
+    return out.to(x2d.dtype)
+
+
+def matmul_nn(g2d: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
+    """g2d [M, N] @ W, W decoded on the fly (M <= 16), in g2d's dtype, accumulated in fp32."""
+    n, k = q.shape
+    even, odd = _module.matmul_nn(g2d.float().contiguous(), q.packed, *_scale_args(q), code_table(q.quant_type),
+                                  q.blocksize, n, k)  # fmt: skip
+    return torch.stack([even, odd], dim=-1).reshape(g2d.shape[0], k).to(g2d.dtype)
