@@ -1,0 +1,82 @@
+"""The native kernels against the pure-torch ones (bytes) and a float64 reference (products)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fourbit
+from fourbit.quant import native, torch_kernels, use_kernels
+from fourbit.quant.matmul import FUSED_MAX_ROWS, linear_4bit, linear_4bit_t
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.build_error()}")
+
+
+def test_builds_and_dispatches():
+    assert native.cpu_path() in ("avx512", "scalar")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 2000),
+    blocksize=st.sampled_from([32, 64, 128, 256]),
+    double_quant=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    data=st.data(),
+)
+def test_dequantize_any_range_equals_torch(n, blocksize, double_quant, dtype, data):
+    w = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    q = fourbit.quantize_4bit(w, "nf4", blocksize, double_quant)
+    start = data.draw(st.integers(0, n - 1))
+    end = data.draw(st.integers(start + 1, n))
+    ours = native.dequantize(q, dtype, start, end)
+    ref = torch_kernels.dequantize(q, dtype, start, end)
+    assert torch.equal(ours, ref)
+    buf = torch.full((end - start + 5,), 7.0, dtype=dtype)
+    assert torch.equal(native.dequantize(q, dtype, start, end, out=buf), ref)
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (130, 96), (7, 33), (1, 1), (3, 4096)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_equals_torch(shape, dtype):
+    w = (torch.randn(shape) * 0.05).to(dtype)
+    for quant_type in ("nf4", "fp4"):
+        with use_kernels("native"):
+            a = fourbit.quantize_4bit(w, quant_type)
+        with use_kernels("torch"):
+            b = fourbit.quantize_4bit(w, quant_type)
+        assert torch.equal(a.packed, b.packed) and torch.equal(a.absmax, b.absmax)
+        assert torch.equal(a.nested_absmax, b.nested_absmax) and a.nested_offset == b.nested_offset
+
+
+@pytest.mark.parametrize("k", [64, 96, 576, 100, 33])  # 100 and 33: not a multiple of 32, the tiled path
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16])
+def test_products_match_float64(k, double_quant, act_dtype):
+    torch.manual_seed(k)
+    n = 80
+    q = fourbit.quantize_4bit(torch.randn(n, k), "nf4", 64, double_quant)
+    w = q.dequantize(torch.float64)
+    tol = 1e-5 if act_dtype == torch.float32 else 2e-2
+    for m in list(range(1, FUSED_MAX_ROWS + 2)) + [40]:
+        x = torch.randn(m, k).to(act_dtype)
+        g = torch.randn(m, n).to(act_dtype)
+        y, gx = linear_4bit(x, q), linear_4bit_t(g, q)
+        assert y.dtype == gx.dtype == act_dtype
+        want_y, want_gx = x.double() @ w.t(), g.double() @ w
+        assert ((y.double() - want_y).abs().max() / want_y.abs().max()) < tol, m
+        assert ((gx.double() - want_gx).abs().max() / want_gx.abs().max()) < tol, m
+
+
+def test_zero_gradient_rows_are_skipped_correctly():
+    q = fourbit.quantize_4bit(torch.randn(64, 128))
+    g = torch.zeros(4, 64)
+    g[2, 5] = 1.0
+    torch.testing.assert_close(linear_4bit_t(g, q), g @ q.dequantize(torch.float32))
+
+
+def test_non_finite_named():
+    w = torch.randn(4, 64, dtype=torch.bfloat16)
+    w[2, 10] = float("nan")
+    with use_kernels("native"), pytest.raises(ValueError, match="flat index 138"):
+        fourbit.quantize_4bit(w)
