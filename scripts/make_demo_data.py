@@ -2,7 +2,8 @@
 
 The bundled model writes JSON readily, but not with these exact keys, order and spacing, so before training its
 exact-match accuracy is near zero; a QLoRA adapter learns the format and the extraction in a few minutes on a CPU.
-Names, cities and sentence shapes vary; the test split uses people the training split never saw.
+Names are made up from syllables, cities and sentence shapes vary; the test split uses names the training split
+never contains.
 
     python scripts/make_demo_data.py        # writes data/demo/train.jsonl and data/demo/test.jsonl
 """
@@ -11,10 +12,7 @@ import json
 import random
 from pathlib import Path
 
-NAMES = """Alice Bob Carla David Emma Farid Grace Hiro Ines Jonas Kira Liam Maya Nikos Olga Pablo Quinn Rosa Sami Tara
-Umar Vera Wim Xena Yusuf Zoe Amir Beatriz Chen Dara Elif Femi Gustav Hana Ivan Jade Kofi Lena Mateo Nadia Oscar Priya
-Rafael Sofia Tomas Uma Viktor Wen Yara Zain Anya Bruno Clara Diego Esme Felix Gita Hugo Isla Jamal Katya Lucas Mira
-Noah Omar Petra Ravi Selma Theo Una Vlad Willa Ximena Yosef Zara""".split()
+SYLLABLES = """ka ri to me lu na so vi de ra mi zo el an ya ko sa ti mo be ju fa re no li da go ha ni pe""".split()
 CITIES = """Paris Berlin Tokyo Lagos Lima Oslo Cairo Seoul Quito Rome Madrid Dublin Nairobi Hanoi Austin Denver Porto Accra
 Kyoto Lyon Milan Perth Boston Dakar Delhi Tunis Sofia Riga Vienna Prague Zurich Havana Manila Osaka Bergen Cork""".split()
 SHAPES = [
@@ -30,6 +28,11 @@ SHAPES = [
 INSTRUCTIONS = ["Extract the person as JSON:", "Give the name, age and city as JSON:", "Turn this into JSON:"]
 
 
+def make_name(rng: random.Random) -> str:
+    # made-up names, so the model must copy the name from the sentence rather than recall it
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+
+
 def record(rng: random.Random, name: str) -> dict:
     age, city = rng.randint(18, 90), rng.choice(CITIES)
     sentence = rng.choice(SHAPES).format(name=name, age=age, city=city)
@@ -38,13 +41,18 @@ def record(rng: random.Random, name: str) -> dict:
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
 
 
-def main(out: Path = Path(__file__).resolve().parent.parent / "data" / "demo") -> None:
+OUT = Path(__file__).resolve().parent.parent / "data" / "demo"
+
+
+def main(out: Path = OUT) -> None:
     rng = random.Random(2305_14314)  # the QLoRA paper's arXiv number
-    names = NAMES[:]
-    rng.shuffle(names)
-    test_names, train_names = names[:16], names[16:]
-    train = [record(rng, rng.choice(train_names)) for _ in range(600)]
-    test = [record(rng, rng.choice(test_names)) for _ in range(100)]
+    train = [record(rng, make_name(rng)) for _ in range(400)]
+    seen = {r["messages"][1]["content"].split('"')[3] for r in train}
+    test = []
+    while len(test) < 100:  # held-out people: names the training split never uses
+        name = make_name(rng)
+        if name not in seen:
+            test.append(record(rng, name))
     out.mkdir(parents=True, exist_ok=True)
     for split, rows in (("train", train), ("test", test)):
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -26,9 +26,9 @@ class Linear4bitFunction(torch.autograd.Function):
     """x @ W.T for a 4-bit W; the gradient to x is g @ W with W decoded again. W gets no gradient."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
+    def forward(ctx, x2d: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
         ctx.q = q  # a reference to the frozen 4-bit weight, not a saved activation
-        return linear_4bit(x, q)
+        return linear_4bit(x2d, q)  # 2-D in, a fresh (non-view) tensor out, so callers may add to it in place
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -135,24 +135,29 @@ class QLoRALinear(nn.Module):
     # --- compute --------------------------------------------------------------------------------------------------
 
     def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """B A dropout(x), unscaled: the caller folds the scale into its one add."""
         a, b = self.lora_A[name], self.lora_B[name]
-        return b(a(self.lora_dropout[name](x.to(a.weight.dtype)))) * self.lora_settings[name].scaling
+        return b(a(self.lora_dropout[name](x.to(a.weight.dtype))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_c = x.to(self.compute_dtype)
-        y = Linear4bitFunction.apply(x_c, self.weight_4bit)
+        y = Linear4bitFunction.apply(x_c.reshape(-1, self.in_features), self.weight_4bit)
+        y = y.view(*x.shape[:-1], self.out_features)
+        # In-place adds on y (its backward does not need it): one fresh tensor per layer and adapter, not three;
+        # on CPUs the allocator's churn shows up in peak memory as much as in time.
         if self.bias is not None:
-            y = y + self.bias
+            y = y.add_(self.bias)
         if self.routing is not None:
             ids, names = self.routing
             for k in torch.unique(ids).tolist():
                 if k < 0:
                     continue
                 rows = (ids == k).nonzero().squeeze(1)  # rows of the batch that asked for adapter k, together
-                y = y.index_add(0, rows, self._lora(names[k], x_c.index_select(0, rows)).to(y.dtype))
+                delta = self._lora(names[k], x_c.index_select(0, rows)).to(y.dtype)
+                y = y.index_add_(0, rows, delta, alpha=self.lora_settings[names[k]].scaling)
         else:
             for name, weight in self.active.items():
-                y = y + (self._lora(name, x_c) * weight).to(y.dtype)
+                y = y.add_(self._lora(name, x_c).to(y.dtype), alpha=weight * self.lora_settings[name].scaling)
         return y.to(x.dtype)
 
     def dense_weight(self, merge_adapters: bool | list[str] = False, dtype: torch.dtype | None = None) -> torch.Tensor:

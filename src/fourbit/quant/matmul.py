@@ -56,11 +56,12 @@ def linear_4bit(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     x2d = x.reshape(-1, k)
     kernels = kernels_for(x.device)
     if _fused(kernels, x2d.shape[0], q):
-        return kernels.matmul_nt(x2d, q).view(*x.shape[:-1], n)
-    out = x2d.new_empty(x2d.shape[0], n)
-    for r0, r1, tile in _tiles(q, x.dtype, x.device):
-        torch.matmul(x2d, tile.t(), out=out[:, r0:r1])
-    return out.view(*x.shape[:-1], n)
+        out = kernels.matmul_nt(x2d, q)
+    else:
+        out = x2d.new_empty(x2d.shape[0], n)
+        for r0, r1, tile in _tiles(q, x.dtype, x.device):
+            torch.matmul(x2d, tile.t(), out=out[:, r0:r1])
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], n)  # a 2-D input gets a fresh tensor, not a view
 
 
 def linear_4bit_t(g: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
@@ -69,8 +70,9 @@ def linear_4bit_t(g: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     g2d = g.reshape(-1, n)
     kernels = kernels_for(g.device)
     if _fused(kernels, g2d.shape[0], q):
-        return kernels.matmul_nn(g2d, q).view(*g.shape[:-1], k)
-    out = g2d.new_zeros(g2d.shape[0], k)
-    for r0, r1, tile in _tiles(q, g.dtype, g.device):
-        out.addmm_(g2d[:, r0:r1], tile)
-    return out.view(*g.shape[:-1], k)
+        out = kernels.matmul_nn(g2d, q)
+    else:
+        out = g2d.new_zeros(g2d.shape[0], k)
+        for r0, r1, tile in _tiles(q, g.dtype, g.device):
+            out.addmm_(g2d[:, r0:r1], tile)
+    return out if g.dim() == 2 else out.view(*g.shape[:-1], k)
