@@ -111,6 +111,27 @@ def plan_text(config: TrainConfig, model: nn.Module, data: Dataset, rows: list[R
     ])  # fmt: skip
 
 
+def accumulate_gradients(loss_module: nn.Module, micro: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    """Backward over one optimizer step's micro-batches (this process's share). Each micro-batch's loss sum is
+    divided by the loss tokens of the whole step across all processes, so the gradients are those of the mean
+    over the step however it is split. Returns (the step's mean loss over all processes, its loss tokens)."""
+    _, world = _world()
+    n_loss = torch.tensor(sum(count_loss_tokens(b["labels"]) for b in micro), dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(n_loss)
+    total = torch.zeros((), dtype=torch.float64)
+    for i, batch in enumerate(micro):
+        last = i == len(micro) - 1
+        with loss_module.no_sync() if world > 1 and not last else contextlib.nullcontext():
+            loss_sum, _ = loss_module(batch)
+            # DDP averages gradients over processes: scale by world so the result is sum / n_loss
+            (loss_sum * (world / n_loss.item())).backward()
+        total += loss_sum.detach().double()
+    if world > 1:
+        dist.all_reduce(total)
+    return float(total / n_loss), int(n_loss)
+
+
 def evaluate_loss(loss_module: LossModule, rows: list[Row], batch_size: int, pad_id: int, packed: bool) -> float:
     model = loss_module.model
     was_training = model.training
@@ -231,30 +252,17 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult | None:
         mine = step_rows[rank * len(step_rows) // world : (rank + 1) * len(step_rows) // world]
         micro = [collate(mine[i : i + config.batch_size], pad_id, config.packing)
                  for i in range(0, len(mine), config.batch_size)]  # fmt: skip
-        n_loss = torch.tensor(sum(count_loss_tokens(b["labels"]) for b in micro), dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(n_loss)
         lr = config.lr * lr_factor(step, config, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss = torch.zeros((), dtype=torch.float64)
-        for i, batch in enumerate(micro):
-            sync = i == len(micro) - 1 or world == 1
-            ctx = loss_module.no_sync() if not sync else contextlib.nullcontext()
-            with ctx:
-                loss_sum, _ = loss_module(batch)
-                # DDP averages gradients over processes: scale by world so the result is sum / n_loss
-                (loss_sum * (world / n_loss.item())).backward()
-            step_loss += loss_sum.detach().double()
-            tokens_seen += int(batch["input_ids"].numel())
-        if world > 1:
-            dist.all_reduce(step_loss)
+        step_loss, n_loss = accumulate_gradients(loss_module, micro)
+        tokens_seen += sum(int(b["input_ids"].numel()) for b in micro)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         position += global_batch
-        last_loss = float(step_loss / n_loss)
+        last_loss = step_loss
         elapsed = time.perf_counter() - start_time
         record = {"step": step, "loss": round(last_loss, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
                   "tokens_per_s": round(tokens_seen * world / elapsed, 1), "memory_mb": round(peak_memory_mb(), 1)}  # fmt: skip
