@@ -31,7 +31,8 @@ def _tile_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.
     # costs more than decoding into it
     buf = _tile_buffers.get((dtype, device))
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor even when first asked for under inference mode
+            buf = torch.empty(numel, dtype=dtype, device=device)
         _tile_buffers[(dtype, device)] = buf
     return buf
 
