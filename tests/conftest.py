@@ -1,7 +1,13 @@
 """Shared fixtures: tiny random models (built once per session) and the bundled SmolLM2 (converted once)."""
 
+import os
+
 import pytest
 from tiny_models import save_tiny_model
+
+# fp32 compute everywhere in tests, whichever dtype this machine measures fastest: references and tolerances are
+# fp32's (test_compute_dtype covers the automatic choice). Subprocesses inherit it.
+os.environ["FOURBIT_COMPUTE_DTYPE"] = "float32"
 
 
 @pytest.fixture(scope="session")

@@ -170,3 +170,55 @@ def test_unsupported_architecture(tiny_dirs, tmp_path):
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="config.json"):
         fourbit.load(bad, progress=False)
+
+
+def test_compute_dtype_is_measured_once_and_remembered(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("from fourbit.models.loader import default_compute_dtype; import torch; "
+            "print(default_compute_dtype('cpu'))")  # fmt: skip
+    env = {k: v for k, v in __import__("os").environ.items() if k != "FOURBIT_COMPUTE_DTYPE"}
+    env["FOURBIT_CACHE"] = str(tmp_path)
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert first.stdout.strip() in ("torch.float32", "torch.bfloat16")
+    remembered = json.loads((tmp_path / "compute_dtype.json").read_text())
+    assert list(remembered.values()) == [first.stdout.strip().removeprefix("torch.")]
+    env["FOURBIT_COMPUTE_DTYPE"] = "bfloat16"
+    forced = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert forced.stdout.strip() == "torch.bfloat16"
+
+
+def test_prequantized_checkpoint_loads_without_bitsandbytes(tiny_dirs, tmp_path):
+    import subprocess
+    import sys
+
+    out = quantize_checkpoint(tiny_dirs["llama"], tmp_path / "q4", progress=False)
+    ours, _ = fourbit.load(out, progress=False)
+    expected = ours(torch.tensor([[5, 80, 120]])).logits[0, -1].tolist()
+    code = (
+        "import sys, json, torch; sys.modules['bitsandbytes'] = None\n"  # any import of bitsandbytes now fails
+        "import fourbit\n"
+        f"m, _ = fourbit.load({str(out)!r}, progress=False)\n"
+        "print(json.dumps(m(torch.tensor([[5, 80, 120]])).logits[0, -1].tolist()))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout) == pytest.approx(expected, abs=1e-5)
+
+
+def test_gguf_that_is_not_a_model_is_one_clear_error(tmp_path):
+    import gguf
+
+    bogus = tmp_path / "garbage.gguf"
+    bogus.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(ValueError, match="garbage.gguf"):
+        fourbit.load(bogus, progress=False)
+    writer = gguf.GGUFWriter(str(tmp_path / "bert.gguf"), "bert")
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="bert.gguf"):
+        fourbit.load(tmp_path / "bert.gguf", progress=False)

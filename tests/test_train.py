@@ -280,3 +280,15 @@ def test_cli_bad_record_stops_before_training(tiny_llama, tmp_path):
     assert run.returncode == 2
     assert f"{bad}:2" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_tokenizer_without_chat_template_gets_the_fallback(tokenizer):
+    import copy
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    with pytest.raises(ValueError):  # transformers alone cannot render a chat with this tokenizer
+        plain.apply_chat_template(CHATS[7]["messages"], tokenize=False)
+    ex = encode_record(plain, Record(CHATS[7], "x:1"), 256)
+    carried = [t for t, label in zip(ex.input_ids, ex.labels, strict=True) if label != IGNORE]
+    assert plain.decode(carried) == "2<|im_end|>\n"  # ChatML as plain text: the documented fallback

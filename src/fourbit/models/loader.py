@@ -9,7 +9,11 @@ tensor. Checkpoints already in the transformers + bitsandbytes 4-bit layout load
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import os
+import platform
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +23,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from fourbit.atomic import write_atomic
 from fourbit.models import bnb_checkpoint
 from fourbit.models.resolve import resolve_model
 from fourbit.nn import QLoRALinear
@@ -38,18 +43,57 @@ class LoadOptions:
     quant_type: str = "nf4"
     double_quant: bool = True
     blocksize: int = 64
-    compute_dtype: torch.dtype | None = None  # None: the fastest on the device (fp32 on CPUs without AMX)
+    compute_dtype: torch.dtype | None = None  # None: the fastest on the device, measured once per machine
     skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])  # linear layers kept in compute dtype
     device: str = "cpu"
 
 
 def default_compute_dtype(device: str | torch.device) -> torch.dtype:
-    """fp32 on CPU: without AMX, torch's fp32 matmul runs at about twice bf16's rate (docs/benchmarks.md). On CUDA
-    bf16 where supported, else fp16."""
+    """The fastest matmul dtype on `device`. On CUDA bf16 where supported, else fp16. On a CPU it depends on the
+    chip (measured: a Xeon without AMX runs fp32 at about twice bf16's rate, an EPYC with AVX512-BF16 runs bf16 at
+    twice fp32's), so fourbit measures once per machine and remembers. `FOURBIT_COMPUTE_DTYPE` overrides."""
+    forced = os.environ.get("FOURBIT_COMPUTE_DTYPE")
+    if forced:
+        return bnb_checkpoint.parse_dtype(forced)
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    if device.type != "cpu":
+        return torch.float32
+    return _measured_cpu_dtype()
+
+
+@functools.cache
+def _measured_cpu_dtype() -> torch.dtype:
+    from fourbit.models.bundled import cache_root
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))  # fmt: skip
+    except (OSError, StopIteration):
+        pass
+    key = f"{cpu}|{torch.__version__}|{torch.get_num_threads()}"
+    path = cache_root() / "compute_dtype.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        rates = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            a, b = torch.randn(256, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+            a @ b  # warm-up
+            start = time.perf_counter()
+            for _ in range(8):
+                a @ b
+            rates[str(dtype).removeprefix("torch.")] = time.perf_counter() - start
+        known[key] = min(rates, key=rates.get)
+        try:
+            write_atomic(path, json.dumps(known, indent=1).encode())
+        except OSError:
+            pass  # a read-only cache only means measuring again next time
+    return bnb_checkpoint.parse_dtype(known[key])
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -157,6 +201,9 @@ def load(
 
 def load_model(folder: Path, opts: LoadOptions, progress: bool = True) -> nn.Module:
     from transformers import AutoConfig
+
+    if opts.compute_dtype is None:
+        opts.compute_dtype = default_compute_dtype(opts.device)
 
     config_path = folder / "config.json"
     if not config_path.exists():
