@@ -94,7 +94,7 @@ def main() -> None:
     for m, fwd, bwd, ref, dense_ms, floor in products:
         lines.append(f"| {m} | {fwd:.2f} | {bwd:.2f} | {ref:.2f} | {dense_ms:.2f} | {floor:.2f} | {fwd / floor:.2f} |")
     lines += ["", f"Large products (2048x4096 @ 4096x4096): fp32 {fp32_rate:.0f} GFLOP/s, bf16 {bf16_rate:.0f} GFLOP/s. "
-              "This is why `fourbit.load` computes in fp32 on CPUs by default."]  # fmt: skip
+              "Which is faster depends on the CPU: `fourbit.load` measures it once per machine (compute_dtype=None)."]  # fmt: skip
     body = "\n".join(lines)
     print(body)
     write_section("Kernels", body)

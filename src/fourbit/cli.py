@@ -158,6 +158,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(format_eval(report))
 
 
+def cmd_merge(args: argparse.Namespace) -> None:
+    from fourbit.ship.merge import merge
+
+    report = merge(args.model, args.adapter, args.out, args.dtype, args.into, args.quantize)
+    print(report.text())
+    print(f"wrote {args.out} (report: {Path(args.out) / 'merge_report.json'})", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fourbit", description="QLoRA fine-tuning: 4-bit base, LoRA adapters.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -206,6 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=64)
     ev.add_argument("--max-length", type=int, default=1024)
     ev.set_defaults(func=cmd_eval)
+
+    mg = sub.add_parser("merge", help="fold an adapter into the weights: a standard HF folder")
+    mg.add_argument("--model", default=DEFAULT_MODEL, help="base model folder, .gguf file or bundled name")
+    mg.add_argument("--adapter", required=True, help="adapter folder (PEFT layout)")
+    mg.add_argument("--out", required=True, help="output folder")
+    mg.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    mg.add_argument("--into", choices=["dequantized", "original"], default="dequantized",
+                    help="add s*B*A to the NF4-dequantized weights (what the adapter was trained against) or to the "
+                    "original 16-bit weights")  # fmt: skip
+    mg.add_argument("--quantize", choices=["nf4", "fp4"], help="write the merged model back in 4 bits")
+    mg.set_defaults(func=cmd_merge)
     return parser
 
 
