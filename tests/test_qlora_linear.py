@@ -210,3 +210,14 @@ def test_from_linear_round_trip(kernels):
     delta = layer.lora_B["a"].weight.double() @ layer.lora_A["a"].weight.double() * 2.0
     torch.testing.assert_close(merged, layer.dense_weight(dtype=torch.float64) + delta, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(layer.to_linear(merge_adapters=True)(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_added_in_eval_mode_does_not_drop(kernels):
+    _, layer = make_layer()
+    layer.eval()
+    layer.add_adapter("a", r=4, alpha=8, dropout=0.5)
+    randomize_b(layer, "a")
+    x = torch.randn(8, 128)
+    assert torch.equal(layer(x), layer(x))  # deterministic: dropout is off in eval mode
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))

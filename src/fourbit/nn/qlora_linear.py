@@ -103,6 +103,7 @@ class QLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[name].weight)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name].train(self.training)  # an adapter added to a model in eval mode must not drop
         self.lora_settings[name] = LoraSettings(r, alpha, dropout, use_rslora)
         if activate:
             self.active[name] = 1.0
