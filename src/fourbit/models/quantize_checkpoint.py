@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from fourbit.atomic import atomic_folder, commit_folder
+from fourbit.atomic import atomic_directory
 from fourbit.models import bnb_checkpoint
 from fourbit.models.loader import _build_on_meta, _linear_targets, _read_headers, _weight_files
 from fourbit.models.resolve import resolve_model
@@ -27,6 +27,13 @@ SIDE_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
 )  # fmt: skip
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """The tokenizer, chat template and generation defaults that make a weights folder a complete model."""
+    for name in SIDE_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
 
 
 def quantize_checkpoint(
@@ -66,18 +73,11 @@ def quantize_checkpoint(
     if dtype is None:
         raise ValueError(f"{folder}: no linear weights found to quantize")
 
-    tmp = atomic_folder(out)
-    try:
+    with atomic_directory(out) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config_dict = json.loads((folder / "config.json").read_text())
         config_dict["quantization_config"] = bnb_checkpoint.quantization_config(quant_type, double_quant, dtype)
         config_dict.setdefault("architectures", list(config.architectures or []))
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
-        for name in SIDE_FILES:
-            if (folder / name).exists():
-                shutil.copy2(folder / name, tmp / name)
-        commit_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        copy_side_files(folder, tmp)
     return out

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,10 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from fourbit.atomic import atomic_folder, commit_folder, write_atomic
+from fourbit.atomic import atomic_directory, write_atomic
 from fourbit.models import bnb_checkpoint
 from fourbit.models.loader import _read_headers, _weight_files, load
-from fourbit.models.quantize_checkpoint import SIDE_FILES
+from fourbit.models.quantize_checkpoint import copy_side_files
 from fourbit.models.resolve import resolve_model
 from fourbit.models.safetensors_stream import DTYPES, write_streaming
 from fourbit.nn import QLoRALinear, qlora_layers
@@ -116,8 +115,7 @@ def merge(model: str, adapter: str, out: str | Path, dtype: str = "bf16", into: 
     # the output tensors: bnb-quantized inputs collapse back to one dense `weight`
     names = sorted(k for k in where if not any(k.endswith("." + s) for s in bnb_checkpoint.STATE_SUFFIXES)
                    and bnb_checkpoint.QUANT_STATE_SUFFIX not in k)  # fmt: skip
-    tmp = atomic_folder(out)
-    try:
+    with atomic_directory(out) as tmp:
         bar = tqdm(total=len(names), desc="merging", unit="tensor", disable=not progress, leave=False)
         if quantize is None:
             specs = [spec_of(key) for key in names]
@@ -151,13 +149,7 @@ def merge(model: str, adapter: str, out: str | Path, dtype: str = "bf16", into: 
             config["quantization_config"] = bnb_checkpoint.quantization_config(quantize, True, out_dtype)
         config["torch_dtype"] = config["dtype"] = bnb_checkpoint.dtype_name(out_dtype)
         write_atomic(tmp / "config.json", (json.dumps(config, indent=2) + "\n").encode())
-        for name in SIDE_FILES:
-            if (folder / name).exists():
-                shutil.copy2(folder / name, tmp / name)
-        commit_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        copy_side_files(folder, tmp)
     report = measure(base, tokenizer, out, quantize, sample or SAMPLE_TEXT)
     report.into, report.dtype, report.quantize = into, dtype, quantize
     write_atomic(out / "merge_report.json", (json.dumps(asdict(report), indent=2) + "\n").encode())
