@@ -166,6 +166,13 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} (report: {Path(args.out) / 'merge_report.json'})", file=sys.stderr)
 
 
+def cmd_export_gguf(args: argparse.Namespace) -> None:
+    from fourbit.ship.gguf_export import export_gguf
+
+    out = export_gguf(args.model, args.out, args.adapter, args.type, args.lora_only)
+    print(f"wrote {out}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fourbit", description="QLoRA fine-tuning: 4-bit base, LoRA adapters.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -225,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "original 16-bit weights")  # fmt: skip
     mg.add_argument("--quantize", choices=["nf4", "fp4"], help="write the merged model back in 4 bits")
     mg.set_defaults(func=cmd_merge)
+
+    gg = sub.add_parser("export-gguf", help="the (merged) model, or the adapter alone, as GGUF for llama.cpp")
+    gg.add_argument("--model", default=DEFAULT_MODEL, help="base model folder, .gguf file or bundled name")
+    gg.add_argument("--adapter", help="adapter folder to merge in (or, with --lora-only, to export)")
+    gg.add_argument("--out", required=True, help="output .gguf file")
+    gg.add_argument("--type", choices=["f16", "f32", "q8_0", "q4_0"], default="f16")
+    gg.add_argument("--lora-only", action="store_true", help="write the adapter alone as a llama.cpp LoRA GGUF")
+    gg.set_defaults(func=cmd_export_gguf)
     return parser
 
 
