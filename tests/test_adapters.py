@@ -153,3 +153,25 @@ def test_adapter_for_another_base_is_refused(tiny_llama, tmp_path):
     save_adapter(model, tmp_path / "wide-adapter")
     with pytest.raises(AdapterError, match=r"adapter_model\.safetensors: key .*q_proj\.lora_A\.weight.*do not fit"):
         fourbit.load(tiny_llama, adapter=tmp_path / "wide-adapter", progress=False)
+
+
+def test_fourbit_adapter_on_a_bitsandbytes_4bit_base_in_peft(tiny_llama, tmp_path):
+    import warnings
+
+    from transformers import BitsAndBytesConfig
+
+    model, _ = fourbit.load(tiny_llama, progress=False)
+    add_adapter(model, "default", r=4, alpha=8)
+    randomize(model)
+    save_adapter(model, tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=config, device_map="cpu",
+                                                    dtype=torch.float32)  # fmt: skip
+        peft_model = PeftModel.from_pretrained(base, tmp_path / "a")
+    ours, theirs = logits(model), logits(peft_model)
+    # the same 4-bit weights (bitsandbytes computes in bf16 on this CPU, hence the tolerance) and the same adapter
+    assert (ours - theirs).abs().max() < 0.05 * ours.abs().max()
+    assert (ours - logits(dense_twin(tiny_llama, model))).abs().max() > 0.05 * ours.abs().max() * 0.2

@@ -86,3 +86,24 @@ def test_cli_bad_input_is_one_line(tmp_path):
     proc = run_cli("generate", "--data", str(bad), "--out", str(tmp_path / "o.jsonl"), check=False)
     assert proc.returncode == 2 and f"{bad}:2" in proc.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_cli_picks_one_of_several_adapters(tiny_llama, tmp_path):
+    from fourbit.models.adapters import add_adapter, save_adapter
+
+    model, tokenizer = fourbit.load(tiny_llama, progress=False)
+    for i, name in enumerate(["x", "y"]):
+        add_adapter(model, name, r=4, alpha=64)
+        with torch.no_grad():
+            for layer in qlora_layers(model).values():
+                layer.lora_B[name].weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(i))
+        save_adapter(model, tmp_path / name, name)
+    args = ["generate", "--model", str(tiny_llama), "--adapter", f"x={tmp_path / 'x'}", "--adapter",
+            f"y={tmp_path / 'y'}", "--prompt", "hello", "--max-new-tokens", "6"]  # fmt: skip
+    out_x = run_cli(*args, "--use", "x").stdout
+    out_y = run_cli(*args, "--use", "y").stdout
+    from fourbit.nn import set_active_adapters
+
+    set_active_adapters(model, "y")
+    assert out_y.rstrip("\n") == generate_text(model, tokenizer, "hello", max_new_tokens=6)
+    assert out_x != out_y
