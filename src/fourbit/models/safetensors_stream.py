@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,3 +55,30 @@ def write_streaming(
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def mmap_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a view on a read-only memory map: nothing is copied, and the pages
+    are file-backed (the OS reads them in on use and may drop them again)."""
+    import mmap
+
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    (size,) = struct.unpack("<Q", mapped[:8])
+    header = json.loads(mapped[8 : 8 + size])
+    names = {v: k for k, v in DTYPES.items()}
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        dtype = names[info["dtype"]]
+        count = (end - begin) // torch.empty((), dtype=dtype).element_size()
+        if count == 0:
+            out[name] = torch.empty(info["shape"], dtype=dtype)
+            continue
+        with warnings.catch_warnings():  # the map is read-only and the tensors are only read
+            warnings.simplefilter("ignore")
+            flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=8 + size + begin)
+        out[name] = flat.view(info["shape"])
+    return out

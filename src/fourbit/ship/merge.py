@@ -27,7 +27,7 @@ from fourbit.models import bnb_checkpoint
 from fourbit.models.loader import _read_headers, _weight_files, load
 from fourbit.models.quantize_checkpoint import copy_side_files
 from fourbit.models.resolve import resolve_model
-from fourbit.models.safetensors_stream import DTYPES, write_streaming
+from fourbit.models.safetensors_stream import DTYPES, mmap_tensors, write_streaming
 from fourbit.nn import QLoRALinear, qlora_layers
 
 FROM_SAFETENSORS = {name: dtype for dtype, name in DTYPES.items()}
@@ -150,22 +150,42 @@ def merge(model: str, adapter: str, out: str | Path, dtype: str = "bf16", into: 
         config["torch_dtype"] = config["dtype"] = bnb_checkpoint.dtype_name(out_dtype)
         write_atomic(tmp / "config.json", (json.dumps(config, indent=2) + "\n").encode())
         copy_side_files(folder, tmp)
-    report = measure(base, tokenizer, out, quantize, sample or SAMPLE_TEXT)
+    report = measure(base, tokenizer, out, quantize, sample or SAMPLE_TEXT)  # consumes `base`
     report.into, report.dtype, report.quantize = into, dtype, quantize
     write_atomic(out / "merge_report.json", (json.dumps(asdict(report), indent=2) + "\n").encode())
     return report
 
 
+class _MappedLinear(torch.nn.Module):
+    """A linear layer whose weight stays in the memory-mapped output file: one dense layer at a time in memory."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight_mapped, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_mapped.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
 def measure(unmerged, tokenizer, merged_dir: Path, quantize: str | None, sample: list[str]) -> MergeReport:
-    """KL(unmerged || merged) per predicted position, and both perplexities, on `sample`."""
+    """KL(unmerged || merged) per predicted position, and both perplexities, on `sample`. A dense merged model is
+    not loaded whole: the unmerged model object itself becomes the merged one, its 4-bit layers replaced by
+    layers reading the merged weights from the memory-mapped output, its other tensors rounded as written."""
     batches = [tokenizer(text, return_tensors="pt")["input_ids"] for text in sample]
     ref = _logits(unmerged, batches)
     if quantize:
         merged, _ = load(merged_dir, compute_dtype=torch.float32, progress=False)
     else:
-        from transformers import AutoModelForCausalLM
-
-        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+        written = mmap_tensors(merged_dir / "model.safetensors")
+        merged = unmerged
+        for path, layer in qlora_layers(merged).items():
+            key = next(k for k in (f"{path}.weight", f"{path.removeprefix('model.')}.weight") if k in written)
+            parent, _, child = path.rpartition(".")
+            setattr(merged.get_submodule(parent), child, _MappedLinear(written[key], layer.bias))
+        with torch.no_grad():
+            for name, param in merged.named_parameters():
+                if name in written and param.is_floating_point():
+                    param.copy_(written[name])  # the rounding to --dtype, in place
     got = _logits(merged, batches)
     kl, nll_ref, nll_got, n = 0.0, 0.0, 0.0, 0
     for ids, lp_ref, lp_got in zip(batches, ref, got, strict=True):
