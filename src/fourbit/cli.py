@@ -247,10 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UserError, FileNotFoundError, ValueError) as err:
+    except (UserError, FileNotFoundError, ValueError, KeyError) as err:
         if args.debug:
             raise
-        print(f"fourbit: error: {err}", file=sys.stderr)
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # KeyError's str() adds quotes
+        print(f"fourbit: error: {message}", file=sys.stderr)
         return 2
     return 0
 
