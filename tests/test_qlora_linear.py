@@ -241,6 +241,9 @@ def _tensors_in(value) -> list[torch.Tensor]:
     return []
 
 
+_NOT_STATE = ("next_functions", "metadata", "saved_variables")  # graph links, hook dicts, a deprecated alias
+
+
 def _kept_by_graph(root) -> list[torch.Tensor]:
     """Every tensor an autograd graph reaches from `root`: each node's `_saved_*` tensors, and any tensor a custom
     function keeps on its ctx (saved_tensors or a plain attribute)."""
@@ -251,7 +254,7 @@ def _kept_by_graph(root) -> list[torch.Tensor]:
             continue
         seen.add(id(fn))
         for attr in dir(fn):
-            if attr.startswith("_saved_") or (not attr.startswith("_") and attr not in ("next_functions", "metadata")):
+            if attr.startswith("_saved_") or (not attr.startswith("_") and attr not in _NOT_STATE):
                 with contextlib.suppress(RuntimeError, AttributeError):
                     kept += _tensors_in(getattr(fn, attr))
         stack += [f for f, _ in fn.next_functions]
@@ -277,7 +280,7 @@ def _kept_after_forward(module: nn.Module, forward):
 def test_no_dense_weight_survives_forward(kernels, m):
     out_f, in_f = 173, 256  # a distinctive size: out*in is no other tensor's numel here
     dense = out_f * in_f
-    _, layer = make_layer(out_f, in_f)
+    layer = make_layer(out_f, in_f)[1]  # the source nn.Linear is dropped: it would be a dense W kept alive
     layer.add_adapter("a", r=4, alpha=8)
     randomize_b(layer, "a")
     x = torch.randn(m, in_f, requires_grad=True)
@@ -292,8 +295,10 @@ def test_no_dense_weight_survives_forward(kernels, m):
     # nothing else reachable from Python holds one either (bar matmul's one shared, reused decode buffer)
     scratch = {b.untyped_storage().data_ptr() for b in getattr(matmul, "_tile_buffers", {}).values()}
     gc.collect()
-    alive = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.numel() == dense
-             and o.untyped_storage().data_ptr() not in scratch]  # fmt: skip
+    with warnings.catch_warnings():  # isinstance on every object touches deprecated module attributes
+        warnings.simplefilter("ignore")
+        alive = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.numel() == dense
+                 and o.untyped_storage().data_ptr() not in scratch]  # fmt: skip
     assert alive == []
     y.sum().backward()
     assert x.grad is not None and layer.lora_A["a"].weight.grad is not None
@@ -366,9 +371,8 @@ def test_routing_through_a_model(kernels):
         for layer in qlora_layers(model).values():
             layer.set_active([name] if name in layer.adapters else None)
         torch.testing.assert_close(together[row : row + 1], model(x[row : row + 1]), **TIGHT)
-    with adapter_routing(model, torch.tensor([1, 0, -1, 1, 1]), names=["a", "b"]):
-        by_ids = model(x)
-    torch.testing.assert_close(by_ids[[0, 2]], together[[1, 4]], rtol=0, atol=0)
+    with adapter_routing(model, torch.tensor([-1, 0, 1, 0, 1]), names=["b", "a"]):  # the same plan, as ids
+        torch.testing.assert_close(model(x), together, **TIGHT)
 
     with pytest.raises(KeyError, match="'c'"):
         with adapter_routing(model, ["a", "c"]):

@@ -85,7 +85,10 @@ def merge(model: str, adapter: str, out: str | Path, dtype: str = "bf16", into: 
     config = json.loads((folder / "config.json").read_text())
     if into == "original" and "quantization_config" in config:
         raise ValueError(f"{folder / 'config.json'}: --into original needs a 16-bit checkpoint; this one is 4-bit")
-    base, tokenizer = load(folder, adapter=adapter, compute_dtype=torch.float32, progress=progress)
+    # The 4-bit model is held in the output dtype (bf16 output: bf16 embeddings, half the memory of fp32); fp16 is
+    # computed in fp32, which CPUs run far better. The report compares the two models in that same dtype.
+    compute = torch.float32 if out_dtype == torch.float16 else out_dtype
+    base, tokenizer = load(folder, adapter=adapter, compute_dtype=compute, progress=progress)
     layers = qlora_layers(base)
     files = _weight_files(folder)
     where = _read_headers(files)
@@ -174,7 +177,7 @@ def measure(unmerged, tokenizer, merged_dir: Path, quantize: str | None, sample:
     batches = [tokenizer(text, return_tensors="pt")["input_ids"] for text in sample]
     ref = _logits(unmerged, batches)
     if quantize:
-        merged, _ = load(merged_dir, compute_dtype=torch.float32, progress=False)
+        merged, _ = load(merged_dir, compute_dtype=next(unmerged.parameters()).dtype, progress=False)
     else:
         written = mmap_tensors(merged_dir / "model.safetensors")
         merged = unmerged
