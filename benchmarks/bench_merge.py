@@ -85,8 +85,8 @@ def main() -> None:
     body = (f"Measured {today()} on {machine()}. Command: `python benchmarks/bench_merge.py`. `fourbit merge` of a "
             f"rank-16 all-linear adapter into the random 1.1B Llama of the loading benchmark (dequantized weights, "
             f"bf16 output, quality report included), in a fresh process: {result['seconds']:.1f} s, peak private "
-            f"memory {result['peak_mb']:.0f} MB (compare the loading peak above: merging adds the fp32 4-bit model "
-            f"used for the report and one dense layer at a time, never the dense model). Mean KL of the merged "
+            f"memory {result['peak_mb']:.0f} MB (compare the loading peak above; the merge holds the 4-bit model with its "
+            f"adapter, one dense layer at a time, and never the dense model). Mean KL of the merged "
             f"model to the unmerged one: {result['kl']:.1e} nats/token.")  # fmt: skip
     print(body)
     write_section("Merging a random 1.1b Llama", body)

@@ -49,7 +49,7 @@ def write_streaming(
                 tensor = produce(name)
                 if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
                     raise ValueError(f"{name}: produced {tensor.dtype} {list(tensor.shape)}, declared {dtype} {list(shape)}")
-                f.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+                f.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())  # no bytes copy
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -346,7 +346,9 @@ def adapter_routing(model: nn.Module, adapter_per_row: Sequence[str | None] | to
     """Inside the block, row i of every batch (dim 0 of every QLoRA layer's input) uses adapter
     `adapter_per_row[i]` (None: the base alone), or `names[ids[i]]` for a LongTensor of ids (-1: none). Rows asking
     for the same adapter are computed together, so one batch can serve requests for different adapters. An adapter
-    that does not target a layer leaves its rows on the base there; a name no layer knows is a KeyError."""
+    that does not target a layer leaves its rows on the base there; a name no layer knows is a KeyError.
+    Meant for serving; to train through it, call backward inside the block (activation checkpointing recomputes the
+    forward then, and outside the block the layers are back on their active adapters)."""
     layers = list(qlora_layers(model).values())
     device = layers[0].weight_packed.device if layers else None
     routing = AdapterRouting.from_rows(adapter_per_row, names, device)

@@ -58,12 +58,13 @@ class MergeReport:
                 f"{self.perplexity_merged:.3f} (merged) over {self.tokens} tokens")  # fmt: skip
 
 
-def _delta(layer: QLoRALinear) -> torch.Tensor:
-    """s * B @ A of the layer's active adapters, in fp32."""
-    out = torch.zeros(layer.out_features, layer.in_features)
+def _delta(layer: QLoRALinear) -> torch.Tensor | None:
+    """s * B @ A of the layer's active adapters, in fp32 (None when no adapter is active)."""
+    out = None
     for name, weight in layer.active.items():
         b, a = layer.lora_B[name].weight.float(), layer.lora_A[name].weight.float()
-        out += (b @ a) * (layer.lora_settings[name].scaling * weight)
+        scale = layer.lora_settings[name].scaling * weight
+        out = torch.mm(b, a).mul_(scale) if out is None else out.addmm_(b, a, alpha=scale)
     return out
 
 
@@ -72,6 +73,7 @@ def _logits(model, batches: list[torch.Tensor]) -> list[torch.Tensor]:
     return [model(ids).logits.float().log_softmax(-1) for ids in batches]
 
 
+@torch.no_grad()
 def merge(model: str, adapter: str, out: str | Path, dtype: str = "bf16", into: str = "dequantized",
           quantize: str | None = None, sample: list[str] | None = None, progress: bool = True) -> MergeReport:  # fmt: skip
     if into not in ("dequantized", "original"):
@@ -105,7 +107,11 @@ def merge(model: str, adapter: str, out: str | Path, dtype: str = "bf16", into: 
             w = handles[where[key]].get_tensor(key).float()
         else:
             w = layer.weight_4bit.dequantize(torch.float32)
-        return (w + _delta(layer)).to(out_dtype)
+        delta = _delta(layer)
+        if delta is not None:
+            w.add_(delta)  # in place: one dense fp32 layer and its delta, no third copy
+            del delta
+        return w.to(out_dtype)
 
     def spec_of(key: str) -> tuple[str, torch.dtype, tuple[int, ...]]:
         layer = layer_for(key)
