@@ -295,7 +295,7 @@ def test_no_dense_weight_survives_forward(kernels, m):
         base_node = base_node.next_functions[0][0]
     assert base_node.saved_tensors == ()  # the 4-bit product saves no activation
     # nothing else reachable from Python holds one either (bar matmul's one shared, reused decode buffer)
-    scratch = {b.untyped_storage().data_ptr() for b in getattr(matmul, "_tile_buffers", {}).values()}
+    scratch = {b.untyped_storage().data_ptr() for b in matmul.tile_buffers().values()}
     gc.collect()
     with warnings.catch_warnings():  # isinstance on every object touches deprecated module attributes
         warnings.simplefilter("ignore")

@@ -8,6 +8,8 @@ Two paths, chosen by the number of rows M of the activation:
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from fourbit.quant.api import kernels_for
@@ -23,17 +25,24 @@ def _row_tiles(q: QuantizedTensor) -> list[tuple[int, int]]:
     return [(r, min(n, r + rows)) for r in range(0, n, rows)]
 
 
-_tile_buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_local = threading.local()  # one decode buffer per thread: two threads multiplying at once must not share one
+
+
+def tile_buffers() -> dict[tuple[torch.dtype, torch.device], torch.Tensor]:
+    """This thread's reusable decode buffers, by dtype and device."""
+    if not hasattr(_local, "buffers"):
+        _local.buffers = {}
+    return _local.buffers
 
 
 def _tile_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # one reused buffer per dtype and device: a fresh tile each call would fault in new pages every time, which
-    # costs more than decoding into it
-    buf = _tile_buffers.get((dtype, device))
+    # a reused buffer: a fresh tile each call would fault in new pages every time, which costs more than decoding
+    buffers = tile_buffers()
+    buf = buffers.get((dtype, device))
     if buf is None or buf.numel() < numel:
         with torch.inference_mode(False):  # a normal tensor even when first asked for under inference mode
             buf = torch.empty(numel, dtype=dtype, device=device)
-        _tile_buffers[(dtype, device)] = buf
+        buffers[(dtype, device)] = buf
     return buf
 
 

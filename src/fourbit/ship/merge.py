@@ -58,16 +58,6 @@ class MergeReport:
                 f"{self.perplexity_merged:.3f} (merged) over {self.tokens} tokens")  # fmt: skip
 
 
-def _delta(layer: QLoRALinear) -> torch.Tensor | None:
-    """s * B @ A of the layer's active adapters, in fp32 (None when no adapter is active)."""
-    out = None
-    for name, weight in layer.active.items():
-        b, a = layer.lora_B[name].weight.float(), layer.lora_A[name].weight.float()
-        scale = layer.lora_settings[name].scaling * weight
-        out = torch.mm(b, a).mul_(scale) if out is None else out.addmm_(b, a, alpha=scale)
-    return out
-
-
 @torch.no_grad()
 def _logits(model, batches: list[torch.Tensor]) -> list[torch.Tensor]:
     return [model(ids).logits.float().log_softmax(-1) for ids in batches]
@@ -107,10 +97,8 @@ def merge(model: str, adapter: str, out: str | Path, dtype: str = "bf16", into: 
             w = handles[where[key]].get_tensor(key).float()
         else:
             w = layer.weight_4bit.dequantize(torch.float32)
-        delta = _delta(layer)
-        if delta is not None:
-            w.add_(delta)  # in place: one dense fp32 layer and its delta, no third copy
-            del delta
+        if layer.active:
+            w.add_(layer.delta_weight())  # in place: one dense fp32 layer and its delta, no third copy
         return w.to(out_dtype)
 
     def spec_of(key: str) -> tuple[str, torch.dtype, tuple[int, ...]]:
