@@ -14,9 +14,11 @@ import argparse
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import PeakMemory, machine, rss_anon_mb, today, write_section  # noqa: E402
 
 SIZES = {
     "1.1b": dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32,
@@ -24,13 +26,6 @@ SIZES = {
     "7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, num_attention_heads=32,
                num_key_value_heads=32),
 }  # fmt: skip
-
-
-def rss_anon_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def write_checkpoint(folder: Path, size: str) -> None:
@@ -67,15 +62,7 @@ def child(which: str, folder: str) -> None:
     import transformers  # noqa: F401
 
     baseline = rss_anon_mb()
-    peak = [baseline]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_anon_mb())
-            time.sleep(0.005)
-
-    threading.Thread(target=sample, daemon=True).start()
+    memory = PeakMemory()
     start = time.perf_counter()
     if which == "fourbit":
         from fourbit.models.loader import LoadOptions, load_model
@@ -95,11 +82,10 @@ def child(which: str, folder: str) -> None:
         model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu")
         four = 0
     seconds = time.perf_counter() - start
-    done.set()
-    peak[0] = max(peak[0], rss_anon_mb())
+    peak = memory.stop()
     dense = sum(p.numel() * p.element_size() for p in model.parameters() if p.dtype != torch.uint8)
     packed = sum(p.numel() * p.element_size() for p in model.parameters() if p.dtype == torch.uint8)
-    print(json.dumps({"seconds": seconds, "peak_mb": peak[0], "baseline_mb": baseline,
+    print(json.dumps({"seconds": seconds, "peak_mb": peak, "baseline_mb": baseline,
                       "footprint_mb": (four + dense + packed) / 2**20}))  # fmt: skip
 
 
@@ -129,9 +115,6 @@ def main() -> None:
     def med(rows, key):
         values = sorted(r[key] for r in rows)
         return values[len(values) // 2]
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from common import machine, today, write_section
 
     ours, theirs = results["fourbit"], results["transformers + bitsandbytes"]
     lines = [f"Measured {today()} on {machine()}. Command: `python benchmarks/bench_load.py --size {args.size}`. "

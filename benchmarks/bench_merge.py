@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_load import rss_anon_mb, write_checkpoint  # noqa: E402
-from common import machine, today, write_section  # noqa: E402
+from bench_load import write_checkpoint  # noqa: E402
+from common import PeakMemory, machine, today, write_section  # noqa: E402
 
 
 def byte_tokenizer(folder: Path) -> None:
@@ -37,22 +36,13 @@ def child(folder: str, adapter: str, out: str) -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    peak = [rss_anon_mb()]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_anon_mb())
-            time.sleep(0.005)
-
-    threading.Thread(target=sample, daemon=True).start()
+    memory = PeakMemory()
     from fourbit.ship.merge import merge
 
     start = time.perf_counter()
     report = merge(folder, adapter, out, dtype="bf16", progress=False)
     seconds = time.perf_counter() - start
-    done.set()
-    print(json.dumps({"seconds": seconds, "peak_mb": max(peak[0], rss_anon_mb()), "kl": report.mean_kl}))
+    print(json.dumps({"seconds": seconds, "peak_mb": memory.stop(), "kl": report.mean_kl}))
 
 
 def main() -> None:

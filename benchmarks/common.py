@@ -6,6 +6,7 @@ import datetime
 import platform
 import re
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,3 +51,30 @@ def write_section(title: str, body: str) -> None:
 
 def today() -> str:
     return datetime.date.today().isoformat()
+
+
+def rss_anon_mb() -> float:
+    """Resident anonymous memory of this process: private memory, not pages of memory-mapped files."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class PeakMemory:
+    """Samples rss_anon_mb every 5 ms in a thread from creation until stop(); `peak` is the highest seen."""
+
+    def __init__(self):
+        self.peak = rss_anon_mb()
+        self._done = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            self.peak = max(self.peak, rss_anon_mb())
+            time.sleep(0.005)
+
+    def stop(self) -> float:
+        self._done.set()
+        self.peak = max(self.peak, rss_anon_mb())
+        return self.peak

@@ -28,3 +28,27 @@ def bundled(bundled_dir):
     import fourbit
 
     return fourbit.load(bundled_dir, progress=False)
+
+
+def random_adapter(model_dir, out, target="all-linear", r=4, alpha=8, std=0.05, seed=0):
+    """Save an adapter with random B (so it changes the model) for the model at `model_dir`; returns its folder."""
+    import torch
+
+    import fourbit
+    from fourbit.models.adapters import add_adapter, save_adapter
+    from fourbit.nn import qlora_layers
+
+    model, _ = fourbit.load(model_dir, progress=False)
+    add_adapter(model, "default", r=r, alpha=alpha, target=target)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in qlora_layers(model).values():
+            if "default" in layer.lora_B:
+                layer.lora_B["default"].weight.normal_(0, std, generator=g)
+    save_adapter(model, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_llama, tmp_path_factory):
+    return random_adapter(tiny_llama, tmp_path_factory.mktemp("adapter") / "a")

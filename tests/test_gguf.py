@@ -8,7 +8,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import fourbit
-from fourbit.models.adapters import add_adapter, save_adapter
 from fourbit.nn import qlora_layers
 from fourbit.ship.gguf_export import export_gguf, permute_rope_rows
 
@@ -16,16 +15,8 @@ IDS = torch.tensor([[5, 80, 120, 33, 7, 250, 19, 42]])
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_llama, tmp_path_factory):
-    model, _ = fourbit.load(tiny_llama, progress=False)
-    add_adapter(model, "default", r=4, alpha=8)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in qlora_layers(model).values():
-            layer.lora_B["default"].weight.normal_(0, 0.05, generator=g)
-    out = tmp_path_factory.mktemp("adapter") / "a"
-    save_adapter(model, out)
-    return out
+def adapter_dir(tiny_adapter):
+    return tiny_adapter
 
 
 def merged_logits(tiny_llama, adapter_dir):

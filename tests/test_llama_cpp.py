@@ -3,10 +3,9 @@ continuations equal fourbit's merged model's, and base GGUF + LoRA GGUF equal ba
 
 import pytest
 import torch
+from conftest import random_adapter
 
 import fourbit
-from fourbit.models.adapters import add_adapter, save_adapter
-from fourbit.nn import qlora_layers
 from fourbit.ship.gguf_export import export_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -17,16 +16,8 @@ NEW = 8
 
 @pytest.fixture(scope="module")
 def adapter_dir(bundled_dir, tmp_path_factory):
-    model, _ = fourbit.load(bundled_dir, progress=False)
-    add_adapter(model, "default", r=8, alpha=16, target="q_proj,k_proj,v_proj,o_proj,down_proj")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in qlora_layers(model).values():
-            if "default" in layer.lora_B:  # gate/up are not targeted
-                layer.lora_B["default"].weight.normal_(0, 0.01, generator=g)
-    out = tmp_path_factory.mktemp("adapter") / "a"
-    save_adapter(model, out)
-    return out
+    return random_adapter(bundled_dir, tmp_path_factory.mktemp("adapter") / "a", r=8, alpha=16, std=0.01,
+                          target="q_proj,k_proj,v_proj,o_proj,down_proj")
 
 
 def fourbit_greedy(bundled_dir, adapter_dir):

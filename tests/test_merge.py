@@ -9,7 +9,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import fourbit
-from fourbit.models.adapters import add_adapter, save_adapter
 from fourbit.nn import qlora_layers
 from fourbit.ship.merge import merge
 
@@ -17,16 +16,8 @@ IDS = torch.tensor([[5, 80, 120, 33, 7, 250, 19, 42]])
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_llama, tmp_path_factory):
-    model, _ = fourbit.load(tiny_llama, progress=False)
-    add_adapter(model, "default", r=4, alpha=8)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in qlora_layers(model).values():
-            layer.lora_B["default"].weight.normal_(0, 0.05, generator=g)
-    out = tmp_path_factory.mktemp("adapter") / "a"
-    save_adapter(model, out)
-    return out
+def adapter_dir(tiny_adapter):
+    return tiny_adapter
 
 
 def unmerged_logits(tiny_llama, adapter_dir):
