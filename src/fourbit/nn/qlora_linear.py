@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from fourbit.nn.dropout import LoraDropout
 from fourbit.quant import QuantizedTensor, quantize_4bit
 from fourbit.quant.matmul import linear_4bit, linear_4bit_t
 
@@ -173,7 +174,7 @@ class QLoRALinear(nn.Module):
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[name].weight)
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = LoraDropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_dropout[name].train(self.training)  # an adapter added to a model in eval mode must not drop
         self.lora_settings[name] = LoraSettings(r, alpha, dropout, use_rslora)
         if activate:

@@ -20,7 +20,7 @@ from fourbit.quant import torch_kernels
 from fourbit.quant.codes import code_table, dynamic_map, rounding_table
 from fourbit.quant.tensor import QuantizedTensor
 
-SOURCE = Path(__file__).with_name("kernels.cpp")
+SOURCES = [Path(__file__).with_name("kernels.cpp"), Path(__file__).with_name("dropout.cpp")]
 _module = None
 _error: str | None = None
 
@@ -30,9 +30,10 @@ def _cache_dir() -> Path:
         root = Path(os.environ["FOURBIT_CACHE"])
     else:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fourbit"
-    tag = hashlib.sha256(
-        SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode()
-    ).hexdigest()[:16]
+    digest = hashlib.sha256(torch.__version__.encode() + sys.version.encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    tag = digest.hexdigest()[:16]
     return root / "kernels" / tag
 
 
@@ -47,12 +48,15 @@ def _build():
             print("fourbit: building native kernels (once, about a minute)", file=sys.stderr)
         # compile a copy kept in the cache folder: the build rules then name the same path for every checkout
         # with this source, so a second checkout (or CI's clone) reuses the library instead of rebuilding it
-        source = build_dir / SOURCE.name
-        if not source.exists() or source.read_bytes() != SOURCE.read_bytes():
-            source.write_bytes(SOURCE.read_bytes())
+        copies = []
+        for original in SOURCES:
+            copy = build_dir / original.name
+            if not copy.exists() or copy.read_bytes() != original.read_bytes():
+                copy.write_bytes(original.read_bytes())
+            copies.append(str(copy))
         return cpp_extension.load(
             name="fourbit_kernels",
-            sources=[str(source)],
+            sources=copies,
             build_directory=str(build_dir),
             extra_cflags=["-O3", "-ffp-contract=off", "-fno-math-errno"],
             verbose=False,
@@ -121,3 +125,8 @@ def matmul_nn(g2d: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     even, odd = _module.matmul_nn(g2d.float().contiguous(), q.packed, *_scale_args(q), code_table(q.quant_type),
                                   q.blocksize, n, k)  # fmt: skip
     return torch.stack([even, odd], dim=-1).reshape(g2d.shape[0], k).to(g2d.dtype)
+
+
+def hash_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """x * keep / (1 - p), keep a hash of (seed, flat index): the same call on the gradient is the backward."""
+    return _module.hash_dropout(x, p, seed)

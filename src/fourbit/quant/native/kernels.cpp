@@ -567,10 +567,14 @@ std::vector<torch::Tensor> matmul_nn(torch::Tensor g, torch::Tensor packed, torc
 
 std::string cpu_path() { return has_avx512() ? "avx512" : "scalar"; }
 
+// defined in dropout.cpp
+torch::Tensor hash_dropout(torch::Tensor x, double p, int64_t seed);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize", &quantize, "blockwise 4-bit quantization");
   m.def("dequantize", &dequantize, "blockwise 4-bit dequantization of flat elements [start, end)");
   m.def("matmul_nt", &matmul_nt, "x @ W.T with W decoded on the fly (small M)");
   m.def("matmul_nn", &matmul_nn, "g @ W with W decoded on the fly (small M)");
   m.def("cpu_path", &cpu_path, "which vector path this CPU runs");
+  m.def("hash_dropout", &hash_dropout, "dropout whose mask is a hash of (seed, index)");
 }
