@@ -78,3 +78,19 @@ class PeakMemory:
         self._done.set()
         self.peak = max(self.peak, rss_anon_mb())
         return self.peak
+
+
+RESULTS = DOC.with_suffix(".json")
+
+
+def record_results(workload: str, rows: list[dict]) -> None:
+    """Replace `workload`'s rows in docs/benchmarks.json, which benchmarks/chart.py draws. One row per target:
+    {"metric": str, "fourbit": float, "reference": float, "unit": str,
+     "advantage": float (how many times better fourbit is: reference/fourbit for times and memory,
+                         fourbit/reference for rates; for accuracy, fourbit minus reference in points),
+     "target": float (the advantage the issue asks for), "met": bool, "peer": str (what "reference" was)}"""
+    import json
+
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    data[workload] = {"date": today(), "machine": machine(), "rows": rows}
+    RESULTS.write_text(json.dumps(data, indent=1) + "\n")
