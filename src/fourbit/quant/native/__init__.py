@@ -129,4 +129,6 @@ def matmul_nn(g2d: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
 
 def hash_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """x * keep / (1 - p), keep a hash of (seed, flat index): the same call on the gradient is the backward."""
+    if not available():
+        raise RuntimeError(f"native kernels unavailable: {build_error()}")
     return _module.hash_dropout(x, p, seed)
