@@ -88,3 +88,16 @@ def test_eval_mode_and_fallback():
     drop.eval()
     assert drop(x) is x
     assert isinstance(drop, torch.nn.Dropout)
+
+
+def test_cast_fused_into_the_pass():
+    x = torch.randn(33, 70, dtype=torch.bfloat16, requires_grad=True)
+    y = hash_dropout(x, 0.25, 11, dtype=torch.float32)
+    assert y.dtype == torch.float32
+    same_mask = hash_dropout(x.detach(), 0.25, 11) != 0
+    assert torch.equal(y != 0, same_mask)
+    torch.testing.assert_close(y[same_mask], x.detach().float()[same_mask] * float(torch.tensor(1 / 0.75)),
+                               rtol=0, atol=0)  # fmt: skip
+    y.sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    assert torch.equal(x.grad != 0, same_mask)

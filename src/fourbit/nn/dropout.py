@@ -22,28 +22,30 @@ def _use_hash(x: torch.Tensor) -> bool:
 
 class HashDropoutFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-        ctx.p, ctx.seed = p, seed
-        return native.hash_dropout(x, p, seed)
+    def forward(ctx, x: torch.Tensor, p: float, seed: int, dtype: torch.dtype | None) -> torch.Tensor:
+        ctx.p, ctx.seed, ctx.x_dtype = p, seed, x.dtype
+        return native.hash_dropout(x, p, seed, dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return native.hash_dropout(grad, ctx.p, ctx.seed), None, None
+        return native.hash_dropout(grad, ctx.p, ctx.seed, ctx.x_dtype), None, None, None
 
 
-def hash_dropout(x: torch.Tensor, p: float, seed: int | None = None) -> torch.Tensor:
-    """x with each element zeroed with probability p and the rest scaled by 1/(1-p); differentiable."""
+def hash_dropout(x: torch.Tensor, p: float, seed: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x with each element zeroed with probability p and the rest scaled by 1/(1-p), cast to `dtype` in the same
+    pass; differentiable."""
     if seed is None:
         seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
-    return HashDropoutFunction.apply(x, p, seed)
+    return HashDropoutFunction.apply(x, p, seed, dtype)
 
 
 class LoraDropout(nn.Dropout):
-    """nn.Dropout (same attribute, same train/eval behaviour) with the hash mask on CPU."""
+    """nn.Dropout (same attribute, same train/eval behaviour) with the hash mask on CPU. `dtype` casts the result
+    (the adapter's dtype), fused into the dropout pass where the hash path runs."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         if not self.training or self.p == 0.0:
-            return x
-        if _use_hash(x):
-            return hash_dropout(x, self.p)
-        return super().forward(x)
+            return x if dtype is None else x.to(dtype)
+        if _use_hash(x) and dtype in (None, torch.float32, torch.bfloat16, torch.float16):
+            return hash_dropout(x, self.p, dtype=dtype)
+        return super().forward(x if dtype is None else x.to(dtype))

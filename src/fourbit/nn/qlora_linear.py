@@ -228,8 +228,9 @@ class QLoRALinear(nn.Module):
 
     def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """B A dropout(x) in the adapter's dtype, unscaled: the caller folds the scale into its one add."""
-        a, b = self.lora_A[name], self.lora_B[name]
-        return b(a(self.lora_dropout[name](x.to(a.weight.dtype))))
+        a, b, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        x = drop(x, a.weight.dtype) if isinstance(drop, LoraDropout) else drop(x.to(a.weight.dtype))
+        return b(a(x))
 
     def forward(self, x: torch.Tensor, adapter_ids: Sequence[str | None] | torch.Tensor | None = None) -> torch.Tensor:
         """x [..., in] -> [..., out] in x's dtype. `adapter_ids` routes rows (dim 0) to adapters: one name or None
@@ -248,8 +249,8 @@ class QLoRALinear(nn.Module):
         if self.bias is not None:
             y = y.add_(self.bias)
         if routing is None:
-            for name, weight in self.active.items():
-                y = y.add_(self._lora(name, x_c).to(y.dtype), alpha=weight * self.lora_settings[name].scaling)
+            for name, weight in self.active.items():  # add_ casts the adapter's fp32 output in the same pass
+                y = y.add_(self._lora(name, x_c), alpha=weight * self.lora_settings[name].scaling)
         else:
             if x.dim() < 2 or x.shape[0] != routing.batch:
                 raise ValueError(f"adapter routing is for a batch of {routing.batch} rows, "
@@ -259,7 +260,7 @@ class QLoRALinear(nn.Module):
                     continue  # an adapter that does not target this layer: its rows get the base here
                 scale = self.lora_settings[name].scaling
                 if rows.numel() == routing.batch:  # the whole batch wants this adapter
-                    y = y.add_(self._lora(name, x_c).to(y.dtype), alpha=scale)
+                    y = y.add_(self._lora(name, x_c), alpha=scale)
                     continue
                 rows = rows.to(x.device)
                 delta = self._lora(name, x_c.index_select(0, rows)).to(y.dtype)

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fourbit.data.tokenize import IGNORE
 
-CHUNK_TOKENS = 1024
+CHUNK_TOKENS = 128
 
 
 def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, softcap: float | None) -> torch.Tensor:

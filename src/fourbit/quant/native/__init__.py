@@ -127,8 +127,9 @@ def matmul_nn(g2d: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     return torch.stack([even, odd], dim=-1).reshape(g2d.shape[0], k).to(g2d.dtype)
 
 
-def hash_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """x * keep / (1 - p), keep a hash of (seed, flat index): the same call on the gradient is the backward."""
+def hash_dropout(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x * keep / (1 - p) in `dtype` (default x's), keep a hash of (seed, flat index): the same call on the
+    gradient is the backward."""
     if not available():
         raise RuntimeError(f"native kernels unavailable: {build_error()}")
-    return _module.hash_dropout(x, p, seed)
+    return _module.hash_dropout(x, p, seed, dtype)

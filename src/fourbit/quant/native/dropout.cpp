@@ -39,8 +39,8 @@ inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 inline float to_float(at::Half v) { return static_cast<float>(v); }
 template <typename T> inline T from_float(float v) { return static_cast<T>(v); }
 
-template <typename T>
-void dropout_scalar(const T* x, T* y, int64_t i0, int64_t i1, uint64_t seed, uint32_t threshold, float scale) {
+template <typename T, typename U>
+void dropout_scalar(const T* x, U* y, int64_t i0, int64_t i1, uint64_t seed, uint32_t threshold, float scale) {
   uint64_t hi = ~uint64_t(0);
   uint32_t key = 0;
   for (int64_t i = i0; i < i1; ++i) {
@@ -48,7 +48,7 @@ void dropout_scalar(const T* x, T* y, int64_t i0, int64_t i1, uint64_t seed, uin
       hi = static_cast<uint64_t>(i) >> 32;
       key = key_for(seed, i);
     }
-    y[i] = hash_at(key, i) >= threshold ? from_float<T>(to_float(x[i]) * scale) : from_float<T>(0.f);
+    y[i] = hash_at(key, i) >= threshold ? from_float<U>(to_float(x[i]) * scale) : from_float<U>(0.f);
   }
 }
 
@@ -82,8 +82,8 @@ AVX512 inline void store16(at::Half* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
 
-template <typename T>
-AVX512 void dropout_avx512(const T* x, T* y, int64_t i0, int64_t i1, uint64_t seed, uint32_t threshold, float scale) {
+template <typename T, typename U>
+AVX512 void dropout_avx512(const T* x, U* y, int64_t i0, int64_t i1, uint64_t seed, uint32_t threshold, float scale) {
   const int64_t v0 = (i0 + 15) / 16 * 16;
   const int64_t v1 = i1 / 16 * 16;
   if (v0 >= v1) return dropout_scalar(x, y, i0, i1, seed, threshold, scale);
@@ -114,8 +114,8 @@ bool has_avx512_dropout() {
 }
 #endif
 
-template <typename T>
-void dropout_dispatch(const T* x, T* y, int64_t n, uint64_t seed, uint32_t threshold, float scale) {
+template <typename T, typename U>
+void dropout_dispatch(const T* x, U* y, int64_t n, uint64_t seed, uint32_t threshold, float scale) {
   at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
 #ifdef FOURBIT_X86
     if (has_avx512_dropout()) return dropout_avx512(x, y, i0, i1, seed, threshold, scale);
@@ -126,26 +126,34 @@ void dropout_dispatch(const T* x, T* y, int64_t n, uint64_t seed, uint32_t thres
 
 }  // namespace
 
-// y = x * keep / (1 - p) elementwise, keep decided by (seed, flat index); the same call on the gradient is the
-// backward pass.
-torch::Tensor hash_dropout(torch::Tensor x, double p, int64_t seed) {
+template <typename T>
+void dropout_to(const torch::Tensor& x, torch::Tensor& y, uint64_t seed, uint32_t threshold, float scale) {
+  const T* xp = x.data_ptr<T>();
+  const int64_t n = x.numel();
+  switch (y.scalar_type()) {
+    case at::kFloat: return dropout_dispatch(xp, y.data_ptr<float>(), n, seed, threshold, scale);
+    case at::kBFloat16: return dropout_dispatch(xp, y.data_ptr<at::BFloat16>(), n, seed, threshold, scale);
+    case at::kHalf: return dropout_dispatch(xp, y.data_ptr<at::Half>(), n, seed, threshold, scale);
+    default: TORCH_CHECK(false, "hash_dropout writes float32, bfloat16 or float16, not ", y.scalar_type());
+  }
+}
+
+// y = x * keep / (1 - p) elementwise, in `dtype` (a cast fused into the same pass), keep decided by
+// (seed, flat index); the same call on the gradient is the backward pass.
+torch::Tensor hash_dropout(torch::Tensor x, double p, int64_t seed, c10::optional<at::ScalarType> dtype) {
   TORCH_CHECK(x.device().is_cpu(), "hash_dropout runs on CPU tensors");
   TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout probability must be in [0, 1)");
   x = x.contiguous();
-  auto y = torch::empty_like(x);
+  auto y = torch::empty(x.sizes(), x.options().dtype(dtype.value_or(x.scalar_type())));
   const double t = p * 4294967296.0;
   const uint32_t threshold = t >= 4294967295.0 ? 0xffffffffu : static_cast<uint32_t>(t);
   const float scale = static_cast<float>(1.0 / (1.0 - p));
   const uint64_t s = static_cast<uint64_t>(seed);
-  const int64_t n = x.numel();
-  if (x.scalar_type() == at::kFloat) {
-    dropout_dispatch(x.data_ptr<float>(), y.data_ptr<float>(), n, s, threshold, scale);
-  } else if (x.scalar_type() == at::kBFloat16) {
-    dropout_dispatch(x.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), n, s, threshold, scale);
-  } else if (x.scalar_type() == at::kHalf) {
-    dropout_dispatch(x.data_ptr<at::Half>(), y.data_ptr<at::Half>(), n, s, threshold, scale);
-  } else {
-    TORCH_CHECK(false, "hash_dropout takes float32, bfloat16 or float16, got ", x.scalar_type());
+  switch (x.scalar_type()) {
+    case at::kFloat: dropout_to<float>(x, y, s, threshold, scale); break;
+    case at::kBFloat16: dropout_to<at::BFloat16>(x, y, s, threshold, scale); break;
+    case at::kHalf: dropout_to<at::Half>(x, y, s, threshold, scale); break;
+    default: TORCH_CHECK(false, "hash_dropout takes float32, bfloat16 or float16, got ", x.scalar_type());
   }
   return y;
 }

@@ -568,7 +568,7 @@ std::vector<torch::Tensor> matmul_nn(torch::Tensor g, torch::Tensor packed, torc
 std::string cpu_path() { return has_avx512() ? "avx512" : "scalar"; }
 
 // defined in dropout.cpp
-torch::Tensor hash_dropout(torch::Tensor x, double p, int64_t seed);
+torch::Tensor hash_dropout(torch::Tensor x, double p, int64_t seed, c10::optional<at::ScalarType> dtype);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize", &quantize, "blockwise 4-bit quantization");
