@@ -8,10 +8,11 @@ optional "__metadata__" of strings, padded with spaces to a multiple of 8; then 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -23,11 +24,13 @@ DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", to
 def write_streaming(
     path: str | Path,
     specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-    produce: Callable[[str], torch.Tensor],
+    produce: Callable[[str], torch.Tensor | Iterable[torch.Tensor]],
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Write the tensors named in `specs` (name, dtype, shape), asking `produce(name)` for each in turn; only one is
-    held at a time. Written under a temporary name, fsynced, then renamed."""
+    held at a time. `produce` may also return an iterable of chunks of the declared dtype whose elements, in
+    row-major order, make the tensor: each chunk is written before the next is asked for, so not even one whole
+    tensor need be held. Written under a temporary name, fsynced, then renamed."""
     path = Path(path)
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
@@ -47,14 +50,29 @@ def write_streaming(
             f.write(blob)
             for name, dtype, shape in specs:
                 tensor = produce(name)
-                if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-                    raise ValueError(f"{name}: produced {tensor.dtype} {list(tensor.shape)}, declared {dtype} {list(shape)}")
-                f.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())  # no bytes copy
+                if isinstance(tensor, torch.Tensor):
+                    if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                        raise ValueError(f"{name}: produced {tensor.dtype} {list(tensor.shape)}, declared {dtype} {list(shape)}")
+                    _write_tensor(f, tensor)
+                    continue
+                expected, count = math.prod(shape), 0
+                for chunk in tensor:
+                    count += chunk.numel()
+                    if chunk.dtype != dtype or count > expected:
+                        raise ValueError(f"{name}: produced a chunk of {chunk.dtype} {list(chunk.shape)} ({count} "
+                                         f"elements so far), declared {dtype} {list(shape)}")  # fmt: skip
+                    _write_tensor(f, chunk)
+                if count != expected:
+                    raise ValueError(f"{name}: produced {count} elements in chunks, declared {dtype} {list(shape)}")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_tensor(f, tensor: torch.Tensor) -> None:
+    f.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())  # no bytes copy
 
 
 def mmap_tensors(path: str | Path) -> dict[str, torch.Tensor]:
