@@ -1,14 +1,17 @@
 """Quantize, dequantize and small-batch 4-bit products: fourbit against bitsandbytes, in one run, alternating.
 
-    python benchmarks/bench_kernels.py          # prints the table and writes the "Kernels" section of docs/benchmarks.md
+    python benchmarks/bench_kernels.py             # prints the table, writes the "Kernels" section of docs/benchmarks.md
+                                                   # and the "kernels" rows of docs/benchmarks.json
+    python benchmarks/bench_kernels.py --no-write  # prints only
 """
 
 from __future__ import annotations
 
+import argparse
 import warnings
 
 import torch
-from common import machine, median_ms, today, write_section
+from common import machine, median_ms, record_results, today, write_section
 
 import fourbit
 from fourbit.quant import native
@@ -45,7 +48,15 @@ def rotating(fn, weights: list) -> float:
     return median_ms(call, repeat=15)
 
 
+def advantage_row(metric: str, ours: float, theirs: float, target: float, peer: str) -> dict:
+    return {"metric": metric, "fourbit": round(ours, 3), "reference": round(theirs, 3), "unit": "ms",
+            "advantage": round(theirs / ours, 3), "target": target, "met": theirs / ours >= target, "peer": peer}  # fmt: skip
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ untouched")
+    args = parser.parse_args()
     assert native.available(), native.build_error()
     torch.manual_seed(0)
     w = torch.randn(N, K, dtype=torch.bfloat16) * 0.02
@@ -53,51 +64,65 @@ def main() -> None:
 
     ours = median_ms(lambda: fourbit.quantize_4bit(w, "nf4", 64, True))
     theirs = median_ms(lambda: bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
-    rows.append(("quantize 4096x4096 bf16, NF4 + double quant", ours, theirs))
+    rows.append(("quantize 4096x4096 bf16, NF4 + double quant", ours, theirs, 10))
     q = fourbit.quantize_4bit(w)
     packed, state = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-    ours = median_ms(lambda: q.dequantize(torch.bfloat16))
-    theirs = median_ms(lambda: bnb_f.dequantize_4bit(packed, state))
-    rows.append(("dequantize to bf16", ours, theirs))
-    ours = median_ms(lambda: q.dequantize(torch.float32))
-    theirs = median_ms(lambda: bnb_f.dequantize_4bit(packed, state).float())
-    rows.append(("dequantize to fp32 (bnb: to bf16, then cast)", ours, theirs))
+    ours = median_ms(lambda: q.dequantize(torch.bfloat16), repeat=15)
+    theirs = median_ms(lambda: bnb_f.dequantize_4bit(packed, state), repeat=15)
+    rows.append(("dequantize to bf16", ours, theirs, 2))
+    ours = median_ms(lambda: q.dequantize(torch.float32), repeat=15)
+    theirs = median_ms(lambda: bnb_f.dequantize_4bit(packed, state).float(), repeat=15)
+    rows.append(("dequantize to fp32 (bnb: to bf16, then cast)", ours, theirs, 2))
 
+    # the floor: reading the weight once at the measured bandwidth, or the multiply-adds at the rate of the faster
+    # dense matmul dtype on this machine, whichever takes longer; the products run in that dtype too (fourbit's
+    # compute dtype on this machine), as bitsandbytes' and the dense ones do
+    rates = {dtype: matmul_gflops(dtype) for dtype in (torch.float32, torch.bfloat16)}
+    best = max(rates, key=rates.get)
     qs = [fourbit.quantize_4bit(torch.randn(N, K, dtype=torch.bfloat16) * 0.02) for _ in range(COPIES)]
     bnb_ws = [bnb_f.quantize_4bit(torch.randn(N, K, dtype=torch.bfloat16) * 0.02, blocksize=64,
                                   compress_statistics=True, quant_type="nf4") for _ in range(COPIES)]  # fmt: skip
-    dense = [torch.randn(N, K, dtype=torch.bfloat16) for _ in range(COPIES)]
+    dense = [torch.randn(N, K, dtype=best) for _ in range(COPIES)]
     gbs = bandwidth_gbs()
-    floor_ms = qs[0].nbytes / gbs / 1e6
+    bandwidth_ms = qs[0].nbytes / gbs / 1e6
     products = []
     for m in (1, 8, 16):
-        x = torch.randn(m, K)
-        xb = x.bfloat16()
+        x = torch.randn(m, K, dtype=best)
         fwd = rotating(lambda w, x=x: linear_4bit(x, w), qs)
         bwd = rotating(lambda w, x=x: linear_4bit_t(x, w), qs)
-        ref_fwd = rotating(lambda p, xb=xb: bnb.matmul_4bit(xb, p[0].t(), p[1]), bnb_ws)
-        dense_bf16 = rotating(lambda d, xb=xb: xb @ d.t(), dense)
-        compute_floor = 2 * m * N * K / 150e9 * 1000  # at 150 GFLOP/s, about this CPU's fp32 FMA rate in practice
-        products.append((m, fwd, bwd, ref_fwd, dense_bf16, max(floor_ms, compute_floor)))
+        ref_fwd = rotating(lambda p, x=x: bnb.matmul_4bit(x.bfloat16(), p[0].t(), p[1]), bnb_ws)
+        dense_ms = rotating(lambda d, x=x: x @ d.t(), dense)
+        floor = max(bandwidth_ms, 2 * m * N * K / rates[best] / 1e6)
+        products.append((m, fwd, bwd, ref_fwd, dense_ms, floor))
 
-    fp32_rate, bf16_rate = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}
     lines = [f"Measured {today()} on {machine()}; bitsandbytes {bnb.__version__}; fourbit native path: "
              f"{native.cpu_path()}. Command: `python benchmarks/bench_kernels.py`. Medians; weights rotated over "
              f"{COPIES} copies so products read memory, not cache.", "",
              "| operation | fourbit ms | bitsandbytes ms | fourbit speed-up |", "|---|---|---|---|"]  # fmt: skip
-    for name, a, b in rows:
-        lines.append(f"| {name} | {a:.2f} | {b:.2f} | {b / a:.1f}x |")
+    for metric, a, b, _ in rows:
+        lines.append(f"| {metric} | {a:.2f} | {b:.2f} | {b / a:.1f}x |")
     lines += ["", f"Memory bandwidth measured: {gbs:.1f} GB/s, so reading one 4096x4096 NF4 weight (with its scales, "
-              f"{qs[0].nbytes / 1e6:.1f} MB) takes at least {floor_ms:.2f} ms.", "",
-              "| rows M | fourbit x W^T ms | fourbit g W ms | bnb matmul_4bit x W^T ms | dense bf16 x W^T ms | floor ms "
-              "(max of bandwidth, compute) | fourbit x W^T / floor |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+              f"{qs[0].nbytes / 1e6:.1f} MB) takes at least {bandwidth_ms:.2f} ms. Large products (2048x4096 @ "
+              f"4096x4096): fp32 {rates[torch.float32]:.0f} GFLOP/s, bf16 {rates[torch.bfloat16]:.0f} GFLOP/s, so the "
+              f"products below run in {name[best]} (which `fourbit.load` picks here with compute_dtype=None) and the "
+              f"floor is the larger of the bandwidth time and 2*M*N*K at {rates[best]:.0f} GFLOP/s.", "",
+              f"| rows M | fourbit x W^T ms | fourbit g W ms | bnb matmul_4bit x W^T ms | dense {name[best]} x W^T ms | "
+              "floor ms | x W^T / floor | g W / floor |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for m, fwd, bwd, ref, dense_ms, floor in products:
-        lines.append(f"| {m} | {fwd:.2f} | {bwd:.2f} | {ref:.2f} | {dense_ms:.2f} | {floor:.2f} | {fwd / floor:.2f} |")
-    lines += ["", f"Large products (2048x4096 @ 4096x4096): fp32 {fp32_rate:.0f} GFLOP/s, bf16 {bf16_rate:.0f} GFLOP/s. "
-              "Which is faster depends on the CPU: `fourbit.load` measures it once per machine (compute_dtype=None)."]  # fmt: skip
+        lines.append(f"| {m} | {fwd:.2f} | {bwd:.2f} | {ref:.2f} | {dense_ms:.2f} | {floor:.2f} | {fwd / floor:.2f} "
+                     f"| {bwd / floor:.2f} |")  # fmt: skip
     body = "\n".join(lines)
     print(body)
+    if args.no_write:
+        return
     write_section("Kernels", body)
+    results = [advantage_row(metric, a, b, target, "bitsandbytes") for metric, a, b, target in rows]
+    for m, fwd, bwd, _, _, floor in products:
+        for direction, ms in (("x W^T", fwd), ("g W", bwd)):
+            results.append(advantage_row(f"{direction}, M={m}, 4096x4096 NF4 ({name[best]})", ms, floor, 1 / 1.5,
+                                         "floor: max(bandwidth, best dense matmul rate)"))  # fmt: skip
+    record_results("kernels", results)
 
 
 if __name__ == "__main__":

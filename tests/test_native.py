@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels 
 
 
 def test_builds_and_dispatches():
-    assert native.cpu_path() in ("avx512", "scalar")
+    assert native.cpu_path() in ("avx512-bf16", "avx512", "scalar")
 
 
 @settings(max_examples=60, deadline=None)
@@ -49,16 +49,12 @@ def test_quantize_equals_torch(shape, dtype):
         assert torch.equal(a.nested_absmax, b.nested_absmax) and a.nested_offset == b.nested_offset
 
 
-@pytest.mark.parametrize("k", [64, 96, 576, 100, 33])  # 100 and 33: not a multiple of 32, the tiled path
-@pytest.mark.parametrize("double_quant", [False, True])
-@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16])
-def test_products_match_float64(k, double_quant, act_dtype):
-    torch.manual_seed(k)
-    n = 80
-    q = fourbit.quantize_4bit(torch.randn(n, k), "nf4", 64, double_quant)
+def _check_products(q, n, k, act_dtype, rows):
     w = q.dequantize(torch.float64)
+    # bf16 activations multiply weights rounded to bf16 (as dequantize-to-bf16 gives), and every output is rounded to
+    # the activation dtype: half-precision results agree to about 1e-2 of the largest output; fp32 ones to 1e-5
     tol = 1e-5 if act_dtype == torch.float32 else 2e-2
-    for m in list(range(1, FUSED_MAX_ROWS + 2)) + [40]:
+    for m in rows:
         x = torch.randn(m, k).to(act_dtype)
         g = torch.randn(m, n).to(act_dtype)
         y, gx = linear_4bit(x, q), linear_4bit_t(g, q)
@@ -66,6 +62,54 @@ def test_products_match_float64(k, double_quant, act_dtype):
         want_y, want_gx = x.double() @ w.t(), g.double() @ w
         assert ((y.double() - want_y).abs().max() / want_y.abs().max()) < tol, m
         assert ((gx.double() - want_gx).abs().max() / want_gx.abs().max()) < tol, m
+
+
+ALL_ROWS = list(range(1, FUSED_MAX_ROWS + 2)) + [40]  # every fused row count, then the tiled path
+
+
+# 96: K a multiple of 32 but not 64 (the bf16 path needs 64: fp32 path); 100 and 33: not a multiple of 32 (tiled)
+@pytest.mark.parametrize("k", [64, 96, 576, 100, 33])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_products_match_float64(k, double_quant, act_dtype):
+    torch.manual_seed(k)
+    n = 80
+    q = fourbit.quantize_4bit(torch.randn(n, k), "nf4", 64, double_quant)
+    _check_products(q, n, k, act_dtype, ALL_ROWS)
+
+
+# blocksizes from 32 (half a bf16 step: fp32 path) to larger than a row (a block spans rows); FP4; an odd N (the bf16
+# g @ W pairs rows of W: fp32 path)
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 1024, 4096])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [48, 37])
+def test_products_any_blocksize(blocksize, quant_type, act_dtype, n):
+    torch.manual_seed(blocksize + n)
+    k = 192
+    q = fourbit.quantize_4bit(torch.randn(n, k) * 3, quant_type, blocksize, blocksize != 128)
+    _check_products(q, n, k, act_dtype, [1, 2, 3, 5, 8, 9, 16])
+
+
+def test_products_long_rows_many_outputs():
+    """K large enough that x is walked in slices and N spanning several row tiles and both threads' ranges."""
+    torch.manual_seed(1)
+    n, k = 200, 2304
+    q = fourbit.quantize_4bit(torch.randn(n, k), "nf4", 64, True)
+    for act_dtype in (torch.float32, torch.bfloat16):
+        _check_products(q, n, k, act_dtype, [1, 7, 16])
+
+
+def test_bf16_product_is_dequantize_then_bf16_matmul():
+    """The bf16 path multiplies exactly the bf16 weights dequantize gives, accumulating in fp32."""
+    torch.manual_seed(2)
+    n, k = 64, 256
+    q = fourbit.quantize_4bit(torch.randn(n, k), "nf4", 64, True)
+    wb = q.dequantize(torch.bfloat16).double()
+    x = torch.randn(3, k).bfloat16()
+    g = torch.randn(3, n).bfloat16()
+    torch.testing.assert_close(linear_4bit(x, q), (x.double() @ wb.t()).bfloat16(), rtol=8e-3, atol=1e-6)
+    torch.testing.assert_close(linear_4bit_t(g, q), (g.double() @ wb).bfloat16(), rtol=8e-3, atol=1e-6)
 
 
 def test_zero_gradient_rows_are_skipped_correctly():

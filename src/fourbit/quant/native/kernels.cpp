@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <atomic>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
@@ -182,6 +183,24 @@ bool has_avx512() {
 #endif
 }
 
+bool has_vbmi() {  // byte shuffles: dequantize's spread, the pairing of two rows in the bf16 g @ W
+#ifdef FOURBIT_X86
+  static const bool ok = has_avx512() && __builtin_cpu_supports("avx512vbmi");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool has_bf16() {  // vdpbf16ps: the bf16 fused products
+#ifdef FOURBIT_X86
+  static const bool ok = has_vbmi() && __builtin_cpu_supports("avx512bf16");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 template <typename T>
 void quantize_dispatch(const T* x, int64_t n, int64_t blocksize, const float* mid, const uint8_t* order,
                        uint8_t* packed, float* absmax, std::atomic<int64_t>* bad) {
@@ -276,6 +295,78 @@ AVX512 void dequantize_avx512(const uint8_t* packed, const Scales& scales, const
   // dequantize_scalar writes out[j - start]: shift the base so the tail lands after what was written
   dequantize_scalar(packed, scales, code, blocksize, i, end, out + (i - start));
 }
+
+// With VBMI the scale is folded into the 16-entry table once per block (the same fp32 products code * scale, so the
+// same bytes), after which an element costs a byte spread, a shift and a lookup: the spread puts each packed byte in
+// the lanes of both its elements, the even element's lane is shifted right by 4, and the lookups read only the low 4
+// (vpermps) or 5 (vpermw, whose 32-entry table holds the 16 values twice) index bits, so the odd element needs no mask.
+#define AVX512VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi")))
+
+// the scaled table rounded to bf16 exactly as store16 rounds, in both 16-word halves of a 32-word table
+AVX512 inline __m512i bf16_table_exact(__m512 scaled) {
+  __m512i u = _mm512_castps_si512(scaled);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  const __m256i half = _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
+}
+
+struct SpreadIndices {  // byte shuffles and shift counts for the two output widths
+  __m512i bf16, f32_lo, f32_hi, shift16, shift32;
+};
+
+AVX512 inline SpreadIndices spread_indices() {
+  alignas(64) uint8_t b16[64], lo[64], hi[64];
+  alignas(64) uint16_t s16[32];
+  alignas(64) uint32_t s32[16];
+  for (int p = 0; p < 64; ++p) {
+    b16[p] = static_cast<uint8_t>(p / 4);  // word w = p / 2 takes byte w / 2 (odd bytes of a word are zeroed)
+    lo[p] = static_cast<uint8_t>(p / 8);   // dword d = p / 4 takes byte d / 2 (bytes 1-3 of a dword are zeroed)
+    hi[p] = static_cast<uint8_t>(8 + p / 8);
+  }
+  for (int w = 0; w < 32; ++w) s16[w] = w % 2 ? 0 : 4;  // the even element is the high nibble
+  for (int d = 0; d < 16; ++d) s32[d] = d % 2 ? 0 : 4;
+  return {_mm512_load_si512(b16), _mm512_load_si512(lo), _mm512_load_si512(hi), _mm512_load_si512(s16),
+          _mm512_load_si512(s32)};
+}
+
+// 32 elements from 16 packed bytes
+AVX512VBMI inline void dequant32(const uint8_t* bytes, __m512i table, const SpreadIndices& ix, at::BFloat16* out) {
+  const __m512i src = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  const __m512i idx = _mm512_srlv_epi16(_mm512_maskz_permutexvar_epi8(0x5555555555555555ULL, ix.bf16, src), ix.shift16);
+  _mm512_storeu_si512(out, _mm512_permutexvar_epi16(idx, table));
+}
+AVX512VBMI inline void dequant32(const uint8_t* bytes, __m512 table, const SpreadIndices& ix, float* out) {
+  const __m512i src = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  const __mmask64 low_bytes = 0x1111111111111111ULL;
+  const __m512i lo = _mm512_srlv_epi32(_mm512_maskz_permutexvar_epi8(low_bytes, ix.f32_lo, src), ix.shift32);
+  const __m512i hi = _mm512_srlv_epi32(_mm512_maskz_permutexvar_epi8(low_bytes, ix.f32_hi, src), ix.shift32);
+  _mm512_storeu_ps(out, _mm512_permutexvar_ps(lo, table));
+  _mm512_storeu_ps(out + 16, _mm512_permutexvar_ps(hi, table));
+}
+
+AVX512 inline __m512 output_table(__m512 scaled, float*) { return scaled; }
+AVX512 inline __m512i output_table(__m512 scaled, at::BFloat16*) { return bf16_table_exact(scaled); }
+
+// fp32 and bf16 outputs (fp16 keeps dequantize_avx512)
+template <typename T>
+AVX512VBMI void dequantize_vbmi(const uint8_t* packed, const Scales& scales, const float* code, int64_t blocksize,
+                                int64_t start, int64_t end, T* out) {
+  const int64_t head = std::min(end, (start + 31) / 32 * 32);
+  dequantize_scalar(packed, scales, code, blocksize, start, head, out);
+  const int shift = __builtin_ctzll(blocksize);  // blocksizes are powers of two
+  const __m512 table = _mm512_loadu_ps(code);
+  const SpreadIndices ix = spread_indices();
+  int64_t i = head;
+  while (i + 32 <= end) {
+    const int64_t block = i >> shift;
+    const int64_t stop = std::min(end, (block + 1) << shift);
+    const auto scaled = output_table(_mm512_mul_ps(table, _mm512_set1_ps(scales(block))), out);
+    for (; i + 32 <= stop; i += 32) dequant32(packed + i / 2, scaled, ix, out + (i - start));
+    if (i < stop) break;  // the range ends inside this block: the rest is the scalar tail
+  }
+  dequantize_scalar(packed, scales, code, blocksize, i, end, out + (i - start));
+}
 #endif
 
 template <typename T>
@@ -288,6 +379,12 @@ void dequantize_dispatch(const uint8_t* packed, const Scales& scales, const floa
       const int64_t s = std::max(start, c * chunk), e = std::min(end, (c + 1) * chunk);
       if (s >= e) continue;
 #ifdef FOURBIT_X86
+      if constexpr (!std::is_same<T, at::Half>::value) {
+        if (has_vbmi() && blocksize % 32 == 0) {
+          dequantize_vbmi(packed, scales, code, blocksize, s, e, out + (s - start));
+          continue;
+        }
+      }
       if (has_avx512() && blocksize % 32 == 0) {
         dequantize_avx512(packed, scales, code, blocksize, s, e, out + (s - start));
         continue;
@@ -299,114 +396,280 @@ void dequantize_dispatch(const uint8_t* packed, const Scales& scales, const floa
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// fused products for small M. Activations arrive de-interleaved (even and odd columns apart, [M, K/2] each) so the
-// decoded weights never need re-interleaving. Requires K % 32 == 0 (every 32-element chunk lies in one block).
+// fused products for small M (at most 16 rows of activations).
+//
+// Activations arrive de-interleaved (even and odd columns apart, [M, K/2] each) so decoded weights never need
+// re-interleaving; g @ W returns its even and odd columns apart for the same reason. K % 32 == 0, so a 32-column chunk
+// of a row lies in one block. Per block the scale is folded into the 16-entry table (table * scale: the products
+// dequantize makes, so the decoded weights are dequantize's); a weight then costs a shift (even columns only) and a
+// lookup, which reads only the low index bits, so the odd columns' high nibble needs no mask.
+//
+// Two vector paths. fp32 activations (AVX-512F): vpermps into the scaled table, then FMA, 32 weights per step. bf16
+// activations (AVX512_BF16 and VBMI): vpermw into the scaled table rounded to bf16 (what dequantize to bf16 gives),
+// then vdpbf16ps, 64 weights per step: the product equals dequantize-then-bf16-matmul with fp32 accumulation. Where
+// the bf16 path does not apply, bf16 activations are widened to fp32 (exactly) and take the fp32 path.
 
-void matmul_nt_scalar(const float* xe, const float* xo, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
-                      const Scales& scales, const float* code, int64_t blocksize, float* out, int64_t n0, int64_t n1) {
-  const int64_t half = K / 2;
+struct Weights {
+  const uint8_t* packed;
+  Scales scales;
+  int64_t N, K;
+  int shift;      // log2(blocksize): blocksizes are powers of two
+  int64_t mask;   // blocksize - 1
+
+  float scale_at(int64_t n, int64_t c) const { return scales((n * K + c) >> shift); }
+  bool block_starts(int64_t n, int64_t c) const { return ((n * K + c) & mask) == 0; }
+  const uint8_t* row(int64_t n) const { return packed + n * (K / 2); }
+};
+
+void matmul_nt_scalar(const float* xe, const float* xo, int64_t M, const Weights& w, const float* code, float* out,
+                      int64_t n0, int64_t n1) {
+  const int64_t half = w.K / 2;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = packed + n * half;
+    const uint8_t* row = w.row(n);
     for (int64_t m = 0; m < M; ++m) {
       float acc = 0.f;
       for (int64_t j = 0; j < half; ++j) {
-        const float s = scales((n * K + 2 * j) / blocksize);
+        const float s = w.scale_at(n, 2 * j);
         acc += xe[m * half + j] * (code[row[j] >> 4] * s) + xo[m * half + j] * (code[row[j] & 15] * s);
       }
-      out[m * N + n] = acc;
+      out[m * w.N + n] = acc;
+    }
+  }
+}
+
+// accumulates into oe, oo (zeroed by the caller) the packed columns [j0, j1) (output columns 2 j0 .. 2 j1)
+void matmul_nn_scalar(const float* g, int64_t M, const Weights& w, const float* code, float* oe, float* oo,
+                      int64_t j0, int64_t j1) {
+  const int64_t half = w.K / 2;
+  for (int64_t n = 0; n < w.N; ++n) {
+    const uint8_t* row = w.row(n);
+    for (int64_t j = j0; j < j1; ++j) {
+      const float s = w.scale_at(n, 2 * j);
+      const float we = code[row[j] >> 4] * s, wo = code[row[j] & 15] * s;
+      for (int64_t m = 0; m < M; ++m) {
+        oe[m * half + j] += g[m * w.N + n] * we;
+        oo[m * half + j] += g[m * w.N + n] * wo;
+      }
     }
   }
 }
 
 #ifdef FOURBIT_X86
-// R rows of W at a time share each load of x; M rows of x share each decoded weight
+#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16")))
+
+AVX512 inline __m512 f32_table(__m512 code, float scale) { return _mm512_mul_ps(code, _mm512_set1_ps(scale)); }
+
+// the scaled table rounded to bf16 (round to nearest even), in both halves of the 32-word vpermw table
+AVX512BF16 inline __m512i bf16_table(__m512 code, float scale) {
+  const __m512 v = _mm512_mul_ps(code, _mm512_set1_ps(scale));
+  return (__m512i)_mm512_cvtne2ps_pbh(v, v);
+}
+
+// x @ W^T, rows n .. n+R of W over columns [k0, k1). x comes in steps: for each step of 32 (fp32) or 64 (bf16) columns,
+// its M rows one after another, each as the step's even columns then its odd ones, so a step reads one contiguous
+// run (rows of x K/2 apart would all fall in the same few L1 sets). R rows of W share each load of x, the M rows of x
+// share each decoded weight. The R*M accumulators (16 lanes each, summed by the caller) stay in `acc` between calls, so a row can
+// be walked in K slices that keep the slice of x in L1.
 template <int M, int R>
-AVX512 void matmul_nt_rows(const float* xe, const float* xo, int64_t N, int64_t K, const uint8_t* packed,
-                           const Scales& scales, const __m512 table, int shift, float* out, int64_t n) {
-  const int64_t half = K / 2;
+AVX512 void nt_f32_rows(const void* x_steps, const Weights& w, const float* code, int64_t n, int64_t k0, int64_t k1,
+                        float* acc_io) {
+  const __m512 table = _mm512_loadu_ps(code);
+  __m512 acc[R][M], tab[R];
+  for (int r = 0; r < R; ++r) {
+    tab[r] = f32_table(table, w.scale_at(n + r, k0));
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_loadu_ps(acc_io + (r * M + m) * 16);
+  }
+  for (int64_t c = k0; c < k1; c += 32) {
+    __m512 even[R], odd[R];
+    for (int r = 0; r < R; ++r) {
+      if (c != k0 && w.block_starts(n + r, c)) tab[r] = f32_table(table, w.scale_at(n + r, c));
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.row(n + r) + c / 2)));
+      even[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tab[r]);
+      odd[r] = _mm512_permutexvar_ps(v, tab[r]);
+    }
+    const float* x = static_cast<const float*>(x_steps) + c * M;  // this step's M rows: 16 even, 16 odd columns
+    for (int m = 0; m < M; ++m) {
+      const __m512 a = _mm512_loadu_ps(x + 32 * m), b = _mm512_loadu_ps(x + 32 * m + 16);
+      for (int r = 0; r < R; ++r) {
+        acc[r][m] = _mm512_fmadd_ps(a, even[r], acc[r][m]);
+        acc[r][m] = _mm512_fmadd_ps(b, odd[r], acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) _mm512_storeu_ps(acc_io + (r * M + m) * 16, acc[r][m]);
+}
+
+// the same with bf16 activations, 64 columns per step (K % 64 == 0, blocksize >= 64)
+template <int M, int R>
+AVX512BF16 void nt_bf16_rows(const void* x_steps, const Weights& w, const float* code, int64_t n, int64_t k0,
+                             int64_t k1, float* acc_io) {
+  const __m512 table = _mm512_loadu_ps(code);
   __m512 acc[R][M];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-  int64_t block[R];
-  __m512 scale[R];
-  for (int r = 0; r < R; ++r) block[r] = -1;
-  for (int64_t c = 0; c < K; c += 32) {
-    __m512 even[R], odd[R];
+  __m512i tab[R];
+  for (int r = 0; r < R; ++r) {
+    tab[r] = bf16_table(table, w.scale_at(n + r, k0));
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_loadu_ps(acc_io + (r * M + m) * 16);
+  }
+  for (int64_t c = k0; c < k1; c += 64) {
+    __m512bh even[R], odd[R];
     for (int r = 0; r < R; ++r) {
-      const int64_t b = ((n + r) * K + c) >> shift;
-      if (b != block[r]) {
-        block[r] = b;
-        scale[r] = _mm512_set1_ps(scales(b));
-      }
-      decode32(packed + (n + r) * half + c / 2, table, scale[r], &even[r], &odd[r]);
+      if (c != k0 && w.block_starts(n + r, c)) tab[r] = bf16_table(table, w.scale_at(n + r, c));
+      const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.row(n + r) + c / 2)));
+      even[r] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tab[r]);
+      odd[r] = (__m512bh)_mm512_permutexvar_epi16(v, tab[r]);
     }
+    const uint16_t* x = static_cast<const uint16_t*>(x_steps) + c * M;  // 32 even, then 32 odd columns per row
     for (int m = 0; m < M; ++m) {
-      const __m512 xev = _mm512_loadu_ps(xe + m * half + c / 2);
-      const __m512 xov = _mm512_loadu_ps(xo + m * half + c / 2);
-      for (int r = 0; r < R; ++r) {
-        acc[r][m] = _mm512_fmadd_ps(xev, even[r], acc[r][m]);
-        acc[r][m] = _mm512_fmadd_ps(xov, odd[r], acc[r][m]);
+      const __m512bh a = (__m512bh)_mm512_loadu_si512(x + 64 * m);
+      const __m512bh b = (__m512bh)_mm512_loadu_si512(x + 64 * m + 32);
+      for (int r = 0; r < R; ++r) {  // each lane sums a pair of products: all lanes are summed at the end anyway
+        acc[r][m] = _mm512_dpbf16_ps(acc[r][m], a, even[r]);
+        acc[r][m] = _mm512_dpbf16_ps(acc[r][m], b, odd[r]);
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) out[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
+    for (int m = 0; m < M; ++m) _mm512_storeu_ps(acc_io + (r * M + m) * 16, acc[r][m]);
 }
 
-template <int M>
-AVX512 void matmul_nt_avx512(const float* xe, const float* xo, int64_t N, int64_t K, const uint8_t* packed,
-                             const Scales& scales, const float* code, int64_t blocksize, float* out, int64_t n0,
-                             int64_t n1) {
-  constexpr int R = M <= 2 ? 4 : (M <= 6 ? 2 : 1);  // keeps R*M accumulators within the 32 vector registers
-  const __m512 table = _mm512_loadu_ps(code);
-  const int shift = __builtin_ctzll(blocksize);
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) matmul_nt_rows<M, R>(xe, xo, N, K, packed, scales, table, shift, out, n);
-  for (; n < n1; ++n) matmul_nt_rows<M, 1>(xe, xo, N, K, packed, scales, table, shift, out, n);
-}
+// rows of W decoded together: R*M accumulators, 2R decoded vectors and R tables must fit the 32 vector registers
+constexpr int nt_rows_per_step(int M) { return M <= 2 ? 4 : (M <= 4 ? 3 : (M <= 8 ? 2 : 1)); }
 
-// R rows of W at a time: each load and store of the output chunk takes R rows' contributions
-template <int M, int R>
-AVX512 void matmul_nn_rows(const float* g, int64_t N, int64_t K, const uint8_t* packed, const Scales& scales,
-                           const __m512 table, int shift, float* oe, float* oo, int64_t n) {
-  const int64_t half = K / 2;
-  int64_t block[R];
-  __m512 scale[R];
-  for (int r = 0; r < R; ++r) block[r] = -1;
-  for (int64_t c = 0; c < K; c += 32) {
-    __m512 even[R], odd[R];
-    for (int r = 0; r < R; ++r) {
-      const int64_t b = ((n + r) * K + c) >> shift;
-      if (b != block[r]) {
-        block[r] = b;
-        scale[r] = _mm512_set1_ps(scales(b));
-      }
-      decode32(packed + (n + r) * half + c / 2, table, scale[r], &even[r], &odd[r]);
+// x @ W^T for output columns [n0, n1): tiles of T rows of W, walked in K slices of x small enough for L1
+template <int M, bool BF16>
+void nt_range(const void* x_steps, const Weights& w, const float* code, float* out, int64_t n0,
+              int64_t n1) {
+  constexpr int R = nt_rows_per_step(M);
+  constexpr int T = std::max(R, std::min(16, 64 / M)) / R * R;  // T*M*64 bytes of accumulators: at most 4 KiB
+  constexpr int64_t STEP = BF16 ? 64 : 32, XBYTES = BF16 ? 2 : 4;
+  auto* const rows = BF16 ? nt_bf16_rows<M, R> : nt_f32_rows<M, R>;
+  auto* const one = BF16 ? nt_bf16_rows<M, 1> : nt_f32_rows<M, 1>;
+  const int64_t slice = std::min(w.K, std::max(STEP, 16384 / (M * XBYTES) / STEP * STEP));
+  alignas(64) float acc[T * M * 16];
+  for (int64_t t0 = n0; t0 < n1; t0 += T) {
+    const int64_t count = std::min<int64_t>(T, n1 - t0);
+    std::fill(acc, acc + count * M * 16, 0.f);
+    for (int64_t k0 = 0; k0 < w.K; k0 += slice) {
+      const int64_t k1 = std::min(w.K, k0 + slice);
+      int64_t r = 0;
+      for (; r + R <= count; r += R) rows(x_steps, w, code, t0 + r, k0, k1, acc + r * M * 16);
+      for (; r < count; ++r) one(x_steps, w, code, t0 + r, k0, k1, acc + r * M * 16);
     }
-    for (int m = 0; m < M; ++m) {
-      float* pe = oe + m * half + c / 2;
-      float* po = oo + m * half + c / 2;
-      __m512 ve = _mm512_loadu_ps(pe), vo = _mm512_loadu_ps(po);
-      for (int r = 0; r < R; ++r) {
-        const __m512 gm = _mm512_set1_ps(g[m * N + n + r]);
-        ve = _mm512_fmadd_ps(gm, even[r], ve);
-        vo = _mm512_fmadd_ps(gm, odd[r], vo);
+    for (int64_t r = 0; r < count; ++r)
+      for (int m = 0; m < M; ++m) {
+        const float* a = acc + (r * M + m) * 16;
+        float s = 0.f;
+        for (int l = 0; l < 16; ++l) s += a[l];
+        out[m * w.N + t0 + r] = s;
       }
-      _mm512_storeu_ps(pe, ve);
-      _mm512_storeu_ps(po, vo);
-    }
   }
 }
 
-template <int M>
-AVX512 void matmul_nn_avx512(const float* g, int64_t N, int64_t K, const uint8_t* packed, const Scales& scales,
-                             const float* code, int64_t blocksize, float* oe, float* oo, int64_t n0, int64_t n1) {
-  constexpr int R = 4;
+// g @ W: the accumulators run along K (the output), 32 columns (even and odd apart) for G rows of g; rows [n0, n1) of
+// W pass through them, each decoded weight multiplied by the broadcast g[m, n]. g comes transposed (g[n * ldg + m])
+// so the G values for one row of W sit together. `first` starts from zero.
+template <int G>
+AVX512 void nn_f32_cols(const void* g_, int64_t ldg, const Weights& w, const float* code, int64_t n0, int64_t n1,
+                        int64_t c, float* oe, float* oo, bool first) {
+  const float* g = static_cast<const float*>(g_);
+  const int64_t half = w.K / 2;
   const __m512 table = _mm512_loadu_ps(code);
-  const int shift = __builtin_ctzll(blocksize);
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) matmul_nn_rows<M, R>(g, N, K, packed, scales, table, shift, oe, oo, n);
-  for (; n < n1; ++n) matmul_nn_rows<M, 1>(g, N, K, packed, scales, table, shift, oe, oo, n);
+  __m512 ae[G], ao[G];
+  for (int m = 0; m < G; ++m) {
+    ae[m] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(oe + m * half + c / 2);
+    ao[m] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(oo + m * half + c / 2);
+  }
+  const bool new_line = (c & 127) == 0;  // this chunk starts a cache line of every row: fetch the next one early
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* p = w.row(n) + c / 2;
+    if (new_line) _mm_prefetch(reinterpret_cast<const char*>(p + 128), _MM_HINT_T0);
+    const __m512 tab = f32_table(table, w.scale_at(n, c));
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tab);
+    const __m512 odd = _mm512_permutexvar_ps(v, tab);
+    for (int m = 0; m < G; ++m) {
+      const __m512 gm = _mm512_set1_ps(g[n * ldg + m]);
+      ae[m] = _mm512_fmadd_ps(gm, even, ae[m]);
+      ao[m] = _mm512_fmadd_ps(gm, odd, ao[m]);
+    }
+  }
+  for (int m = 0; m < G; ++m) {
+    _mm512_storeu_ps(oe + m * half + c / 2, ae[m]);
+    _mm512_storeu_ps(oo + m * half + c / 2, ao[m]);
+  }
+}
+
+// the same with bf16 g, two rows of W at a time (N even): vdpbf16ps sums the products of a lane's pair of words, so
+// each lane pairs column j of row n with column j of row n+1, and g[m, n], g[m, n+1] are one broadcast dword (g comes
+// as [N/2][M][2]). The
+// 32-word table holds row n's scaled table in words 0-15 and row n+1's in 16-31; bit 4 of the index picks the row.
+template <int G>
+AVX512BF16 void nn_bf16_cols(const void* g_, int64_t ldg, const Weights& w, const float* code, int64_t n0,
+                             int64_t n1, int64_t c, float* oe, float* oo, bool first) {
+  const uint16_t* g = static_cast<const uint16_t*>(g_);
+  const int64_t half = w.K / 2;
+  const __m512 table = _mm512_loadu_ps(code);
+  alignas(64) uint8_t pair_bytes[64];
+  for (int p = 0; p < 64; ++p) pair_bytes[p] = static_cast<uint8_t>(p % 4 == 0 ? p / 4 : 64 + p / 4);
+  const __m512i pair = _mm512_load_si512(pair_bytes);  // dword i = byte i of row n | byte i of row n+1 << 16
+  const __m512i nibble = _mm512_set1_epi32(0x000f000f), second_row = _mm512_set1_epi32(0x00100000);
+  __m512 ae[G], ao[G];
+  for (int m = 0; m < G; ++m) {
+    ae[m] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(oe + m * half + c / 2);
+    ao[m] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(oo + m * half + c / 2);
+  }
+  const bool new_line = (c & 127) == 0;
+  for (int64_t n = n0; n < n1; n += 2) {
+    const uint8_t* p0 = w.row(n) + c / 2;
+    const uint8_t* p1 = p0 + half;
+    if (new_line) {
+      _mm_prefetch(reinterpret_cast<const char*>(p0 + 128), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p1 + 128), _MM_HINT_T0);
+    }
+    const __m512 t0 = _mm512_mul_ps(table, _mm512_set1_ps(w.scale_at(n, c)));
+    const __m512 t1 = _mm512_mul_ps(table, _mm512_set1_ps(w.scale_at(n + 1, c)));
+    const __m512i tab = (__m512i)_mm512_cvtne2ps_pbh(t1, t0);
+    const __m512i a = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0)));
+    const __m512i b = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p1)));
+    const __m512i d = _mm512_maskz_permutex2var_epi8(0x5555555555555555ULL, a, pair, b);
+    // (v & nibble) | second_row in one instruction
+    const __m512i io = _mm512_ternarylogic_epi32(d, nibble, second_row, 0xEA);
+    const __m512i ie = _mm512_ternarylogic_epi32(_mm512_srli_epi16(d, 4), nibble, second_row, 0xEA);
+    const __m512bh even = (__m512bh)_mm512_permutexvar_epi16(ie, tab);
+    const __m512bh odd = (__m512bh)_mm512_permutexvar_epi16(io, tab);
+    for (int m = 0; m < G; ++m) {
+      int32_t gg;
+      std::memcpy(&gg, g + n * ldg + 2 * m, 4);
+      const __m512bh gm = (__m512bh)_mm512_set1_epi32(gg);
+      ae[m] = _mm512_dpbf16_ps(ae[m], gm, even);
+      ao[m] = _mm512_dpbf16_ps(ao[m], gm, odd);
+    }
+  }
+  for (int m = 0; m < G; ++m) {
+    _mm512_storeu_ps(oe + m * half + c / 2, ae[m]);
+    _mm512_storeu_ps(oo + m * half + c / 2, ao[m]);
+  }
+}
+
+// g @ W for output columns [c0, c1) (each task owns its columns: no partial sums to reduce). Tiles of 64 rows of W
+// (a tile's slice of rows stays in L2 while its chunks are walked); at most 8 rows of g per pass so the 2*8
+// accumulators fit the registers (M > 8: two passes over the tile).
+template <int M, bool BF16>
+void nn_range(const void* g, const Weights& w, const float* code, float* oe, float* oo, int64_t c0, int64_t c1) {
+  constexpr int G1 = M > 8 ? 8 : M, G2 = M > 8 ? M - 8 : 1;
+  constexpr int64_t T = 64, GBYTES = BF16 ? 2 : 4;
+  auto* const first_rows = BF16 ? nn_bf16_cols<G1> : nn_f32_cols<G1>;
+  auto* const more_rows = BF16 ? nn_bf16_cols<G2> : nn_f32_cols<G2>;
+  const int64_t half = w.K / 2;
+  const char* g8 = static_cast<const char*>(g) + G1 * (BF16 ? 2 : 1) * GBYTES;  // rows 8.. of g
+  for (int64_t t0 = 0; t0 < w.N; t0 += T) {
+    const int64_t t1 = std::min(w.N, t0 + T);
+    for (int64_t c = c0; c < c1; c += 32) {
+      first_rows(g, M, w, code, t0, t1, c, oe, oo, t0 == 0);
+      if (M > 8) more_rows(g8, M, w, code, t0, t1, c, oe + G1 * half, oo + G1 * half, t0 == 0);
+    }
+  }
 }
 
 #define FOURBIT_SWITCH_M(M, CALL)                                                                                    \
@@ -415,25 +678,9 @@ AVX512 void matmul_nn_avx512(const float* g, int64_t N, int64_t K, const uint8_t
     case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; case 8: CALL(8); break;                  \
     case 9: CALL(9); break; case 10: CALL(10); break; case 11: CALL(11); break; case 12: CALL(12); break;            \
     case 13: CALL(13); break; case 14: CALL(14); break; case 15: CALL(15); break; case 16: CALL(16); break;          \
-    default: TORCH_CHECK(false, "fused 4-bit products take at most 16 rows");                                        \
+    default: break;                                                                                                  \
   }
 #endif
-
-void matmul_nn_scalar(const float* g, int64_t M, int64_t N, int64_t K, const uint8_t* packed, const Scales& scales,
-                      const float* code, int64_t blocksize, float* oe, float* oo, int64_t n0, int64_t n1) {
-  const int64_t half = K / 2;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = packed + n * half;
-    for (int64_t j = 0; j < half; ++j) {
-      const float s = scales((n * K + 2 * j) / blocksize);
-      const float we = code[row[j] >> 4] * s, wo = code[row[j] & 15] * s;
-      for (int64_t m = 0; m < M; ++m) {
-        oe[m * half + j] += g[m * N + n] * we;
-        oo[m * half + j] += g[m * N + n] * wo;
-      }
-    }
-  }
-}
 
 }  // namespace
 
@@ -503,69 +750,98 @@ torch::Tensor dequantize(torch::Tensor packed, torch::Tensor absmax, c10::option
   return out;
 }
 
-// x_even, x_odd: [M, K/2] fp32 contiguous. Returns [M, N] = x @ W.T
+Weights make_weights(const torch::Tensor& packed, const Scales& scales, int64_t blocksize, int64_t N, int64_t K) {
+  TORCH_CHECK(K % 32 == 0, "fused product needs K % 32 == 0");
+  TORCH_CHECK(blocksize >= 32 && (blocksize & (blocksize - 1)) == 0, "blocksize must be a power of two >= 32");
+  return {packed.data_ptr<uint8_t>(), scales, N, K, __builtin_ctzll(blocksize), blocksize - 1};
+}
+
+// x_even, x_odd: [M, K/2] fp32 or bf16, M <= 16. Returns fp32 [M, N] = x @ W.T
 torch::Tensor matmul_nt(torch::Tensor x_even, torch::Tensor x_odd, torch::Tensor packed, torch::Tensor absmax,
                         c10::optional<torch::Tensor> nested, c10::optional<torch::Tensor> dynmap, double offset,
                         torch::Tensor code, int64_t blocksize, int64_t N, int64_t K) {
-  TORCH_CHECK(K % 32 == 0, "fused product needs K % 32 == 0");
-  const Scales scales = make_scales(absmax, nested, dynmap, offset);
+  const Weights w = make_weights(packed, make_scales(absmax, nested, dynmap, offset), blocksize, N, K);
   const int64_t M = x_even.size(0);
-  auto out = torch::empty({M, N}, x_even.options());
-  const float* xe = x_even.data_ptr<float>();
-  const float* xo = x_odd.data_ptr<float>();
-  const uint8_t* p = packed.data_ptr<uint8_t>();
+  TORCH_CHECK(M <= 16, "fused 4-bit products take at most 16 rows");
+  auto out = torch::zeros({M, N}, x_even.options().dtype(torch::kFloat32));
+  if (M == 0 || N == 0 || K == 0) return out;
+  const bool bf16 = x_even.scalar_type() == torch::kBFloat16 && has_bf16() && K % 64 == 0 && blocksize >= 64;
+  if (!bf16) {  // bf16 widens to fp32 exactly
+    x_even = x_even.to(torch::kFloat32);
+    x_odd = x_odd.to(torch::kFloat32);
+  }
+  x_even = x_even.contiguous();
+  x_odd = x_odd.contiguous();
+  const float* xe = bf16 ? nullptr : x_even.data_ptr<float>();  // for the scalar path, which is never bf16
+  const float* xo = bf16 ? nullptr : x_odd.data_ptr<float>();
+  // the vector paths read x step by step: [K/step, M, (even, odd), step/2] (see nt_f32_rows)
+  const int64_t step = bf16 ? 64 : 32;
+  const torch::Tensor steps = torch::stack({x_even.view({M, K / step, step / 2}), x_odd.view({M, K / step, step / 2})}, 2)
+                                  .permute({1, 0, 2, 3})
+                                  .contiguous();
+  const void* xs = steps.data_ptr();
   const float* c = code.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, 65536 / K);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
 #ifdef FOURBIT_X86
+    if (bf16) {
+#define CALL_NT(MM) nt_range<MM, true>(xs, w, c, o, n0, n1)
+      FOURBIT_SWITCH_M(M, CALL_NT)
+#undef CALL_NT
+      return;
+    }
     if (has_avx512()) {
-#define CALL_NT(MM) matmul_nt_avx512<MM>(xe, xo, N, K, p, scales, c, blocksize, o, n0, n1)
+#define CALL_NT(MM) nt_range<MM, false>(xs, w, c, o, n0, n1)
       FOURBIT_SWITCH_M(M, CALL_NT)
 #undef CALL_NT
       return;
     }
 #endif
-    matmul_nt_scalar(xe, xo, M, N, K, p, scales, c, blocksize, o, n0, n1);
+    matmul_nt_scalar(xe, xo, M, w, c, o, n0, n1);
   });
   return out;
 }
 
-// g: [M, N] fp32 contiguous. Returns (even, odd) columns of g @ W, each [M, K/2].
+// g: [M, N] fp32 or bf16, M <= 16. Returns the fp32 (even, odd) columns of g @ W, each [M, K/2].
 std::vector<torch::Tensor> matmul_nn(torch::Tensor g, torch::Tensor packed, torch::Tensor absmax,
                                      c10::optional<torch::Tensor> nested, c10::optional<torch::Tensor> dynmap,
                                      double offset, torch::Tensor code, int64_t blocksize, int64_t N, int64_t K) {
-  TORCH_CHECK(K % 32 == 0, "fused product needs K % 32 == 0");
-  const Scales scales = make_scales(absmax, nested, dynmap, offset);
+  const Weights w = make_weights(packed, make_scales(absmax, nested, dynmap, offset), blocksize, N, K);
   const int64_t M = g.size(0);
-  const int64_t threads = at::get_num_threads();
-  // one partial sum per task, reduced at the end: every task streams its own rows of W once
-  const int64_t tasks = std::min<int64_t>(threads, std::max<int64_t>(1, N / 16));
-  auto partial_e = torch::zeros({tasks, M, K / 2}, g.options());
-  auto partial_o = torch::zeros({tasks, M, K / 2}, g.options());
-  const float* gp = g.data_ptr<float>();
-  const uint8_t* p = packed.data_ptr<uint8_t>();
+  TORCH_CHECK(M <= 16, "fused 4-bit products take at most 16 rows");
+  auto oe = torch::zeros({M, K / 2}, g.options().dtype(torch::kFloat32));
+  auto oo = torch::zeros({M, K / 2}, g.options().dtype(torch::kFloat32));
+  if (M == 0 || N == 0 || K == 0) return {oe, oo};
+  const bool bf16 = g.scalar_type() == torch::kBFloat16 && has_bf16() && N % 2 == 0;
+  g = (bf16 ? g : g.to(torch::kFloat32)).contiguous();
+  // the vector paths read g transposed, the values for one row of W (bf16: two rows) together
+  const torch::Tensor gt = bf16 ? g.view({M, N / 2, 2}).permute({1, 0, 2}).contiguous() : g.t().contiguous();
+  const void* gp = gt.data_ptr();
   const float* c = code.data_ptr<float>();
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = N * t / tasks, n1 = N * (t + 1) / tasks;
-      float* oe = partial_e.data_ptr<float>() + t * M * (K / 2);
-      float* oo = partial_o.data_ptr<float>() + t * M * (K / 2);
+  float* pe = oe.data_ptr<float>();
+  float* po = oo.data_ptr<float>();
+  // each task owns a range of 32-column chunks of the output: W's rows are shared, nothing is reduced afterwards
+  at::parallel_for(0, K / 32, 1, [&](int64_t u0, int64_t u1) {
 #ifdef FOURBIT_X86
-      if (has_avx512()) {
-#define CALL_NN(MM) matmul_nn_avx512<MM>(gp, N, K, p, scales, c, blocksize, oe, oo, n0, n1)
-        FOURBIT_SWITCH_M(M, CALL_NN)
+    if (bf16) {
+#define CALL_NN(MM) nn_range<MM, true>(gp, w, c, pe, po, u0 * 32, u1 * 32)
+      FOURBIT_SWITCH_M(M, CALL_NN)
 #undef CALL_NN
-        continue;
-      }
-#endif
-      matmul_nn_scalar(gp, M, N, K, p, scales, c, blocksize, oe, oo, n0, n1);
+      return;
     }
+    if (has_avx512()) {
+#define CALL_NN(MM) nn_range<MM, false>(gp, w, c, pe, po, u0 * 32, u1 * 32)
+      FOURBIT_SWITCH_M(M, CALL_NN)
+#undef CALL_NN
+      return;
+    }
+#endif
+    matmul_nn_scalar(static_cast<const float*>(g.data_ptr()), M, w, c, pe, po, u0 * 16, u1 * 16);
   });
-  return {partial_e.sum(0), partial_o.sum(0)};
+  return {oe, oo};
 }
 
-std::string cpu_path() { return has_avx512() ? "avx512" : "scalar"; }
+std::string cpu_path() { return has_bf16() ? "avx512-bf16" : (has_avx512() ? "avx512" : "scalar"); }
 
 // defined in dropout.cpp
 torch::Tensor hash_dropout(torch::Tensor x, double p, int64_t seed, c10::optional<at::ScalarType> dtype);
