@@ -470,23 +470,33 @@ AVX512BF16 inline __m512i bf16_table(__m512 code, float scale) {
 // run (rows of x K/2 apart would all fall in the same few L1 sets). R rows of W share each load of x, the M rows of x
 // share each decoded weight. The R*M accumulators (16 lanes each, summed by the caller) stay in `acc` between calls, so a row can
 // be walked in K slices that keep the slice of x in L1.
+// decodes step c of rows n .. n+R (fp32 weights), refreshing a row's table where its block starts
+template <int R>
+AVX512 __attribute__((always_inline)) inline void nt_f32_decode(const Weights& w, __m512 table, int64_t n, int64_t c,
+                                                                __m512* tab, __m512* even, __m512* odd) {
+  for (int r = 0; r < R; ++r) {
+    if (w.block_starts(n + r, c)) tab[r] = f32_table(table, w.scale_at(n + r, c));
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.row(n + r) + c / 2)));
+    even[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tab[r]);
+    odd[r] = _mm512_permutexvar_ps(v, tab[r]);
+  }
+}
+
+// The next step's weights are decoded before this step's multiply-adds are issued: the decode is a chain of dependent
+// loads and shuffles that would otherwise wait behind a step's worth of queued multiply-adds (about 2x slower).
 template <int M, int R>
 AVX512 void nt_f32_rows(const void* x_steps, const Weights& w, const float* code, int64_t n, int64_t k0, int64_t k1,
                         float* acc_io) {
   const __m512 table = _mm512_loadu_ps(code);
-  __m512 acc[R][M], tab[R];
+  __m512 acc[R][M], tab[R], even[R], odd[R];
   for (int r = 0; r < R; ++r) {
     tab[r] = f32_table(table, w.scale_at(n + r, k0));
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_loadu_ps(acc_io + (r * M + m) * 16);
   }
+  nt_f32_decode<R>(w, table, n, k0, tab, even, odd);
   for (int64_t c = k0; c < k1; c += 32) {
-    __m512 even[R], odd[R];
-    for (int r = 0; r < R; ++r) {
-      if (c != k0 && w.block_starts(n + r, c)) tab[r] = f32_table(table, w.scale_at(n + r, c));
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.row(n + r) + c / 2)));
-      even[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tab[r]);
-      odd[r] = _mm512_permutexvar_ps(v, tab[r]);
-    }
+    __m512 next_even[R], next_odd[R];
+    if (c + 32 < k1) nt_f32_decode<R>(w, table, n, c + 32, tab, next_even, next_odd);
     const float* x = static_cast<const float*>(x_steps) + c * M;  // this step's M rows: 16 even, 16 odd columns
     for (int m = 0; m < M; ++m) {
       const __m512 a = _mm512_loadu_ps(x + 32 * m), b = _mm512_loadu_ps(x + 32 * m + 16);
@@ -495,30 +505,43 @@ AVX512 void nt_f32_rows(const void* x_steps, const Weights& w, const float* code
         acc[r][m] = _mm512_fmadd_ps(b, odd[r], acc[r][m]);
       }
     }
+    for (int r = 0; r < R; ++r) {
+      even[r] = next_even[r];
+      odd[r] = next_odd[r];
+    }
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) _mm512_storeu_ps(acc_io + (r * M + m) * 16, acc[r][m]);
 }
 
 // the same with bf16 activations, 64 columns per step (K % 64 == 0, blocksize >= 64)
+template <int R>
+AVX512BF16 __attribute__((always_inline)) inline void nt_bf16_decode(const Weights& w, __m512 table, int64_t n,
+                                                                     int64_t c, __m512i* tab, __m512bh* even,
+                                                                     __m512bh* odd) {
+  for (int r = 0; r < R; ++r) {
+    if (w.block_starts(n + r, c)) tab[r] = bf16_table(table, w.scale_at(n + r, c));
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.row(n + r) + c / 2)));
+    even[r] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tab[r]);
+    odd[r] = (__m512bh)_mm512_permutexvar_epi16(v, tab[r]);
+  }
+}
+
 template <int M, int R>
 AVX512BF16 void nt_bf16_rows(const void* x_steps, const Weights& w, const float* code, int64_t n, int64_t k0,
                              int64_t k1, float* acc_io) {
   const __m512 table = _mm512_loadu_ps(code);
   __m512 acc[R][M];
   __m512i tab[R];
+  __m512bh even[R], odd[R];
   for (int r = 0; r < R; ++r) {
     tab[r] = bf16_table(table, w.scale_at(n + r, k0));
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_loadu_ps(acc_io + (r * M + m) * 16);
   }
+  nt_bf16_decode<R>(w, table, n, k0, tab, even, odd);
   for (int64_t c = k0; c < k1; c += 64) {
-    __m512bh even[R], odd[R];
-    for (int r = 0; r < R; ++r) {
-      if (c != k0 && w.block_starts(n + r, c)) tab[r] = bf16_table(table, w.scale_at(n + r, c));
-      const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.row(n + r) + c / 2)));
-      even[r] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tab[r]);
-      odd[r] = (__m512bh)_mm512_permutexvar_epi16(v, tab[r]);
-    }
+    __m512bh next_even[R], next_odd[R];
+    if (c + 64 < k1) nt_bf16_decode<R>(w, table, n, c + 64, tab, next_even, next_odd);
     const uint16_t* x = static_cast<const uint16_t*>(x_steps) + c * M;  // 32 even, then 32 odd columns per row
     for (int m = 0; m < M; ++m) {
       const __m512bh a = (__m512bh)_mm512_loadu_si512(x + 64 * m);
@@ -528,37 +551,55 @@ AVX512BF16 void nt_bf16_rows(const void* x_steps, const Weights& w, const float*
         acc[r][m] = _mm512_dpbf16_ps(acc[r][m], b, odd[r]);
       }
     }
+    for (int r = 0; r < R; ++r) {
+      even[r] = next_even[r];
+      odd[r] = next_odd[r];
+    }
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) _mm512_storeu_ps(acc_io + (r * M + m) * 16, acc[r][m]);
 }
 
 // rows of W decoded together: R*M accumulators, 2R decoded vectors and R tables must fit the 32 vector registers
-constexpr int nt_rows_per_step(int M) { return M <= 2 ? 4 : (M <= 4 ? 3 : (M <= 8 ? 2 : 1)); }
+constexpr int nt_rows_per_step(int M) { return M <= 2 ? 4 : (M <= 4 ? 3 : 2); }
 
-// x @ W^T for output columns [n0, n1): tiles of T rows of W, walked in K slices of x small enough for L1
+// one group of at most 8 rows of x over rows [t0, t0 + count) of W and columns [k0, k1)
+template <int G, bool BF16>
+void nt_group(const void* x_steps, const Weights& w, const float* code, int64_t t0, int64_t count, int64_t k0,
+              int64_t k1, float* acc) {
+  constexpr int R = nt_rows_per_step(G);
+  auto* const rows = BF16 ? nt_bf16_rows<G, R> : nt_f32_rows<G, R>;
+  auto* const one = BF16 ? nt_bf16_rows<G, 1> : nt_f32_rows<G, 1>;
+  int64_t r = 0;
+  for (; r + R <= count; r += R) rows(x_steps, w, code, t0 + r, k0, k1, acc + r * G * 16);
+  for (; r < count; ++r) one(x_steps, w, code, t0 + r, k0, k1, acc + r * G * 16);
+}
+
+// x @ W^T for output columns [n0, n1): tiles of T rows of W, walked in K slices of x small enough for L1. More than 8
+// rows of x go in two groups, each with its own steps (x_steps, x_steps2), over the same tile and slice: a weight is
+// then decoded twice, but x is loaded once per two rows of W instead of once per row (measured single-threaded: 16 rows as
+// 8 + 8 about 1.15x faster than 16 at once, which fits only one row of W beside its 16 accumulators).
 template <int M, bool BF16>
-void nt_range(const void* x_steps, const Weights& w, const float* code, float* out, int64_t n0,
+void nt_range(const void* x_steps, const void* x_steps2, const Weights& w, const float* code, float* out, int64_t n0,
               int64_t n1) {
-  constexpr int R = nt_rows_per_step(M);
-  constexpr int T = std::max(R, std::min(16, 64 / M)) / R * R;  // T*M*64 bytes of accumulators: at most 4 KiB
+  constexpr int G1 = M > 8 ? 8 : M, G2 = M > 8 ? M - 8 : 0;
+  constexpr int R = nt_rows_per_step(G1);
+  constexpr int T = std::max(R, std::min(16, 64 / M)) / R * R;  // T*M*64 bytes of accumulators: at most 8 KiB
   constexpr int64_t STEP = BF16 ? 64 : 32, XBYTES = BF16 ? 2 : 4;
-  auto* const rows = BF16 ? nt_bf16_rows<M, R> : nt_f32_rows<M, R>;
-  auto* const one = BF16 ? nt_bf16_rows<M, 1> : nt_f32_rows<M, 1>;
   const int64_t slice = std::min(w.K, std::max(STEP, 16384 / (M * XBYTES) / STEP * STEP));
   alignas(64) float acc[T * M * 16];
+  float* acc2 = acc + T * G1 * 16;
   for (int64_t t0 = n0; t0 < n1; t0 += T) {
     const int64_t count = std::min<int64_t>(T, n1 - t0);
-    std::fill(acc, acc + count * M * 16, 0.f);
+    std::fill(acc, acc + T * M * 16, 0.f);
     for (int64_t k0 = 0; k0 < w.K; k0 += slice) {
       const int64_t k1 = std::min(w.K, k0 + slice);
-      int64_t r = 0;
-      for (; r + R <= count; r += R) rows(x_steps, w, code, t0 + r, k0, k1, acc + r * M * 16);
-      for (; r < count; ++r) one(x_steps, w, code, t0 + r, k0, k1, acc + r * M * 16);
+      nt_group<G1, BF16>(x_steps, w, code, t0, count, k0, k1, acc);
+      if constexpr (G2 > 0) nt_group<G2, BF16>(x_steps2, w, code, t0, count, k0, k1, acc2);
     }
     for (int64_t r = 0; r < count; ++r)
       for (int m = 0; m < M; ++m) {
-        const float* a = acc + (r * M + m) * 16;
+        const float* a = m < G1 ? acc + (r * G1 + m) * 16 : acc2 + (r * G2 + m - G1) * 16;
         float s = 0.f;
         for (int l = 0; l < 16; ++l) s += a[l];
         out[m * w.N + t0 + r] = s;
@@ -569,6 +610,17 @@ void nt_range(const void* x_steps, const Weights& w, const float* code, float* o
 // g @ W: the accumulators run along K (the output), 32 columns (even and odd apart) for G rows of g; rows [n0, n1) of
 // W pass through them, each decoded weight multiplied by the broadcast g[m, n]. g comes transposed (g[n * ldg + m])
 // so the G values for one row of W sit together. `first` starts from zero.
+AVX512 __attribute__((always_inline)) inline void nn_f32_decode(const Weights& w, __m512 table, int64_t n, int64_t c,
+                                                                bool new_line, __m512* even, __m512* odd) {
+  const uint8_t* p = w.row(n) + c / 2;
+  if (new_line) _mm_prefetch(reinterpret_cast<const char*>(p + 128), _MM_HINT_T0);
+  const __m512 tab = f32_table(table, w.scale_at(n, c));
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  *even = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tab);
+  *odd = _mm512_permutexvar_ps(v, tab);
+}
+
+// As in nt_f32_rows, the next row is decoded before this row's multiply-adds are issued.
 template <int G>
 AVX512 void nn_f32_cols(const void* g_, int64_t ldg, const Weights& w, const float* code, int64_t n0, int64_t n1,
                         int64_t c, float* oe, float* oo, bool first) {
@@ -581,18 +633,18 @@ AVX512 void nn_f32_cols(const void* g_, int64_t ldg, const Weights& w, const flo
     ao[m] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(oo + m * half + c / 2);
   }
   const bool new_line = (c & 127) == 0;  // this chunk starts a cache line of every row: fetch the next one early
+  __m512 even, odd;
+  nn_f32_decode(w, table, n0, c, new_line, &even, &odd);
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* p = w.row(n) + c / 2;
-    if (new_line) _mm_prefetch(reinterpret_cast<const char*>(p + 128), _MM_HINT_T0);
-    const __m512 tab = f32_table(table, w.scale_at(n, c));
-    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tab);
-    const __m512 odd = _mm512_permutexvar_ps(v, tab);
+    __m512 next_even, next_odd;
+    if (n + 1 < n1) nn_f32_decode(w, table, n + 1, c, new_line, &next_even, &next_odd);
     for (int m = 0; m < G; ++m) {
       const __m512 gm = _mm512_set1_ps(g[n * ldg + m]);
       ae[m] = _mm512_fmadd_ps(gm, even, ae[m]);
       ao[m] = _mm512_fmadd_ps(gm, odd, ao[m]);
     }
+    even = next_even;
+    odd = next_odd;
   }
   for (int m = 0; m < G; ++m) {
     _mm512_storeu_ps(oe + m * half + c / 2, ae[m]);
@@ -604,21 +656,97 @@ AVX512 void nn_f32_cols(const void* g_, int64_t ldg, const Weights& w, const flo
 // each lane pairs column j of row n with column j of row n+1, and g[m, n], g[m, n+1] are one broadcast dword (g comes
 // as [N/2][M][2]). The
 // 32-word table holds row n's scaled table in words 0-15 and row n+1's in 16-31; bit 4 of the index picks the row.
+// pair indices into the two rows' bytes: vpermw indices of the even (high nibble) and odd columns, bit 4 set in row
+// n+1's words, whose table is the upper half
+AVX512BF16 __attribute__((always_inline)) inline void pair_indices(__m512i a, __m512i b, __m512i pair, __m512i* ie,
+                                                                   __m512i* io) {
+  const __m512i nibble = _mm512_set1_epi32(0x000f000f), second_row = _mm512_set1_epi32(0x00100000);
+  const __m512i d = _mm512_maskz_permutex2var_epi8(0x5555555555555555ULL, a, pair, b);
+  *io = _mm512_ternarylogic_epi32(d, nibble, second_row, 0xEA);  // (v & nibble) | second_row
+  *ie = _mm512_ternarylogic_epi32(_mm512_srli_epi16(d, 4), nibble, second_row, 0xEA);
+}
+
+AVX512BF16 __attribute__((always_inline)) inline void nn_bf16_decode(const Weights& w, __m512 table, __m512i pair,
+                                                                     int64_t n, int64_t c, bool new_line,
+                                                                     __m512bh* even, __m512bh* odd) {
+  const uint8_t* p0 = w.row(n) + c / 2;
+  const uint8_t* p1 = p0 + w.K / 2;
+  if (new_line) {
+    _mm_prefetch(reinterpret_cast<const char*>(p0 + 128), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p1 + 128), _MM_HINT_T0);
+  }
+  const __m512 t0 = _mm512_mul_ps(table, _mm512_set1_ps(w.scale_at(n, c)));
+  const __m512 t1 = _mm512_mul_ps(table, _mm512_set1_ps(w.scale_at(n + 1, c)));
+  const __m512i tab = (__m512i)_mm512_cvtne2ps_pbh(t1, t0);
+  const __m512i a = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0)));
+  const __m512i b = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p1)));
+  __m512i ie, io;
+  pair_indices(a, b, pair, &ie, &io);
+  *even = (__m512bh)_mm512_permutexvar_epi16(ie, tab);
+  *odd = (__m512bh)_mm512_permutexvar_epi16(io, tab);
+}
+
+// vpermt2b indices making dword i = byte first+i of row n | byte first+i of row n+1 << 16 (other bytes are masked)
+struct PairBytes {
+  alignas(64) uint8_t b[64];
+  constexpr explicit PairBytes(int first) : b{} {
+    for (int p = 0; p < 64; ++p) b[p] = static_cast<uint8_t>(p % 4 == 0 ? first + p / 4 : 64 + first + p / 4);
+  }
+};
+constexpr PairBytes kPairTable{0}, kPairTableHigh{16};
+constexpr const uint8_t* kPairBytes = kPairTable.b;
+constexpr const uint8_t* kPairBytesHigh = kPairTableHigh.b;
+
 template <int G>
 AVX512BF16 void nn_bf16_cols(const void* g_, int64_t ldg, const Weights& w, const float* code, int64_t n0,
                              int64_t n1, int64_t c, float* oe, float* oo, bool first) {
   const uint16_t* g = static_cast<const uint16_t*>(g_);
   const int64_t half = w.K / 2;
   const __m512 table = _mm512_loadu_ps(code);
-  alignas(64) uint8_t pair_bytes[64];
-  for (int p = 0; p < 64; ++p) pair_bytes[p] = static_cast<uint8_t>(p % 4 == 0 ? p / 4 : 64 + p / 4);
-  const __m512i pair = _mm512_load_si512(pair_bytes);  // dword i = byte i of row n | byte i of row n+1 << 16
-  const __m512i nibble = _mm512_set1_epi32(0x000f000f), second_row = _mm512_set1_epi32(0x00100000);
+  const __m512i pair = _mm512_load_si512(kPairBytes);
   __m512 ae[G], ao[G];
   for (int m = 0; m < G; ++m) {
     ae[m] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(oe + m * half + c / 2);
     ao[m] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(oo + m * half + c / 2);
   }
+  const bool new_line = (c & 127) == 0;
+  __m512bh even, odd;
+  nn_bf16_decode(w, table, pair, n0, c, new_line, &even, &odd);
+  for (int64_t n = n0; n < n1; n += 2) {
+    __m512bh next_even, next_odd;
+    if (n + 2 < n1) nn_bf16_decode(w, table, pair, n + 2, c, new_line, &next_even, &next_odd);
+    for (int m = 0; m < G; ++m) {
+      int32_t gg;
+      std::memcpy(&gg, g + n * ldg + 2 * m, 4);
+      const __m512bh gm = (__m512bh)_mm512_set1_epi32(gg);
+      ae[m] = _mm512_dpbf16_ps(ae[m], gm, even);
+      ao[m] = _mm512_dpbf16_ps(ao[m], gm, odd);
+    }
+    even = next_even;
+    odd = next_odd;
+  }
+  for (int m = 0; m < G; ++m) {
+    _mm512_storeu_ps(oe + m * half + c / 2, ae[m]);
+    _mm512_storeu_ps(oo + m * half + c / 2, ao[m]);
+  }
+}
+
+// nn_bf16_cols over 64 columns (two halves of 32, one table per pair of rows: blocksize >= 64), for up to 4 rows of
+// g: with few rows of g the per-pair table and scales cost as much as the multiply-adds, and here they serve twice
+// the weights.
+template <int G>
+AVX512BF16 void nn_bf16_cols64(const void* g_, int64_t ldg, const Weights& w, const float* code, int64_t n0,
+                               int64_t n1, int64_t c, float* oe, float* oo, bool first) {
+  const uint16_t* g = static_cast<const uint16_t*>(g_);
+  const int64_t half = w.K / 2;
+  const __m512 table = _mm512_loadu_ps(code);
+  const __m512i pair_lo = _mm512_load_si512(kPairBytes), pair_hi = _mm512_load_si512(kPairBytesHigh);
+  __m512 ae[2][G], ao[2][G];
+  for (int h = 0; h < 2; ++h)
+    for (int m = 0; m < G; ++m) {
+      ae[h][m] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(oe + m * half + c / 2 + 16 * h);
+      ao[h][m] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(oo + m * half + c / 2 + 16 * h);
+    }
   const bool new_line = (c & 127) == 0;
   for (int64_t n = n0; n < n1; n += 2) {
     const uint8_t* p0 = w.row(n) + c / 2;
@@ -630,26 +758,30 @@ AVX512BF16 void nn_bf16_cols(const void* g_, int64_t ldg, const Weights& w, cons
     const __m512 t0 = _mm512_mul_ps(table, _mm512_set1_ps(w.scale_at(n, c)));
     const __m512 t1 = _mm512_mul_ps(table, _mm512_set1_ps(w.scale_at(n + 1, c)));
     const __m512i tab = (__m512i)_mm512_cvtne2ps_pbh(t1, t0);
-    const __m512i a = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0)));
-    const __m512i b = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p1)));
-    const __m512i d = _mm512_maskz_permutex2var_epi8(0x5555555555555555ULL, a, pair, b);
-    // (v & nibble) | second_row in one instruction
-    const __m512i io = _mm512_ternarylogic_epi32(d, nibble, second_row, 0xEA);
-    const __m512i ie = _mm512_ternarylogic_epi32(_mm512_srli_epi16(d, 4), nibble, second_row, 0xEA);
-    const __m512bh even = (__m512bh)_mm512_permutexvar_epi16(ie, tab);
-    const __m512bh odd = (__m512bh)_mm512_permutexvar_epi16(io, tab);
+    const __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0)));
+    const __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p1)));
+    __m512bh even[2], odd[2];
+    for (int h = 0; h < 2; ++h) {
+      __m512i ie, io;
+      pair_indices(a, b, h ? pair_hi : pair_lo, &ie, &io);
+      even[h] = (__m512bh)_mm512_permutexvar_epi16(ie, tab);
+      odd[h] = (__m512bh)_mm512_permutexvar_epi16(io, tab);
+    }
     for (int m = 0; m < G; ++m) {
       int32_t gg;
       std::memcpy(&gg, g + n * ldg + 2 * m, 4);
       const __m512bh gm = (__m512bh)_mm512_set1_epi32(gg);
-      ae[m] = _mm512_dpbf16_ps(ae[m], gm, even);
-      ao[m] = _mm512_dpbf16_ps(ao[m], gm, odd);
+      for (int h = 0; h < 2; ++h) {
+        ae[h][m] = _mm512_dpbf16_ps(ae[h][m], gm, even[h]);
+        ao[h][m] = _mm512_dpbf16_ps(ao[h][m], gm, odd[h]);
+      }
     }
   }
-  for (int m = 0; m < G; ++m) {
-    _mm512_storeu_ps(oe + m * half + c / 2, ae[m]);
-    _mm512_storeu_ps(oo + m * half + c / 2, ao[m]);
-  }
+  for (int h = 0; h < 2; ++h)
+    for (int m = 0; m < G; ++m) {
+      _mm512_storeu_ps(oe + m * half + c / 2 + 16 * h, ae[h][m]);
+      _mm512_storeu_ps(oo + m * half + c / 2 + 16 * h, ao[h][m]);
+    }
 }
 
 // g @ W for output columns [c0, c1) (each task owns its columns: no partial sums to reduce). Tiles of 64 rows of W
@@ -657,6 +789,14 @@ AVX512BF16 void nn_bf16_cols(const void* g_, int64_t ldg, const Weights& w, cons
 // accumulators fit the registers (M > 8: two passes over the tile).
 template <int M, bool BF16>
 void nn_range(const void* g, const Weights& w, const float* code, float* oe, float* oo, int64_t c0, int64_t c1) {
+  if constexpr (BF16 && M <= 4) {
+    if (w.mask >= 63 && c0 % 64 == 0 && c1 % 64 == 0) {
+      for (int64_t t0 = 0; t0 < w.N; t0 += 64)
+        for (int64_t c = c0; c < c1; c += 64)
+          nn_bf16_cols64<M>(g, M, w, code, t0, std::min(w.N, t0 + 64), c, oe, oo, t0 == 0);
+      return;
+    }
+  }
   constexpr int G1 = M > 8 ? 8 : M, G2 = M > 8 ? M - 8 : 1;
   constexpr int64_t T = 64, GBYTES = BF16 ? 2 : 4;
   auto* const first_rows = BF16 ? nn_bf16_cols<G1> : nn_f32_cols<G1>;
@@ -774,24 +914,32 @@ torch::Tensor matmul_nt(torch::Tensor x_even, torch::Tensor x_odd, torch::Tensor
   x_odd = x_odd.contiguous();
   const float* xe = bf16 ? nullptr : x_even.data_ptr<float>();  // for the scalar path, which is never bf16
   const float* xo = bf16 ? nullptr : x_odd.data_ptr<float>();
-  // the vector paths read x step by step: [K/step, M, (even, odd), step/2] (see nt_f32_rows)
+  // the vector paths read x step by step: [K/step, rows, (even, odd), step/2] (see nt_f32_rows), rows 0-7 and 8-15
+  // apart (see nt_range)
   const int64_t step = bf16 ? 64 : 32;
-  const torch::Tensor steps = torch::stack({x_even.view({M, K / step, step / 2}), x_odd.view({M, K / step, step / 2})}, 2)
-                                  .permute({1, 0, 2, 3})
-                                  .contiguous();
+  auto make_steps = [&](int64_t m0, int64_t m1) {
+    const int64_t rows = m1 - m0;
+    return torch::stack({x_even.narrow(0, m0, rows).reshape({rows, K / step, step / 2}),
+                         x_odd.narrow(0, m0, rows).reshape({rows, K / step, step / 2})}, 2)
+        .permute({1, 0, 2, 3})
+        .contiguous();
+  };
+  const torch::Tensor steps = make_steps(0, std::min<int64_t>(M, 8));
+  const torch::Tensor steps2 = M > 8 ? make_steps(8, M) : steps;
   const void* xs = steps.data_ptr();
+  const void* xs2 = steps2.data_ptr();
   const float* c = code.data_ptr<float>();
   float* o = out.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
 #ifdef FOURBIT_X86
     if (bf16) {
-#define CALL_NT(MM) nt_range<MM, true>(xs, w, c, o, n0, n1)
+#define CALL_NT(MM) nt_range<MM, true>(xs, xs2, w, c, o, n0, n1)
       FOURBIT_SWITCH_M(M, CALL_NT)
 #undef CALL_NT
       return;
     }
     if (has_avx512()) {
-#define CALL_NT(MM) nt_range<MM, false>(xs, w, c, o, n0, n1)
+#define CALL_NT(MM) nt_range<MM, false>(xs, xs2, w, c, o, n0, n1)
       FOURBIT_SWITCH_M(M, CALL_NT)
 #undef CALL_NT
       return;
@@ -821,22 +969,23 @@ std::vector<torch::Tensor> matmul_nn(torch::Tensor g, torch::Tensor packed, torc
   float* pe = oe.data_ptr<float>();
   float* po = oo.data_ptr<float>();
   // each task owns a range of 32-column chunks of the output: W's rows are shared, nothing is reduced afterwards
-  at::parallel_for(0, K / 32, 1, [&](int64_t u0, int64_t u1) {
+  const int64_t unit = K % 64 == 0 ? 64 : 32;  // 64 lets nn_bf16_cols64 take whole tasks
+  at::parallel_for(0, K / unit, 1, [&](int64_t u0, int64_t u1) {
 #ifdef FOURBIT_X86
     if (bf16) {
-#define CALL_NN(MM) nn_range<MM, true>(gp, w, c, pe, po, u0 * 32, u1 * 32)
+#define CALL_NN(MM) nn_range<MM, true>(gp, w, c, pe, po, u0 * unit, u1 * unit)
       FOURBIT_SWITCH_M(M, CALL_NN)
 #undef CALL_NN
       return;
     }
     if (has_avx512()) {
-#define CALL_NN(MM) nn_range<MM, false>(gp, w, c, pe, po, u0 * 32, u1 * 32)
+#define CALL_NN(MM) nn_range<MM, false>(gp, w, c, pe, po, u0 * unit, u1 * unit)
       FOURBIT_SWITCH_M(M, CALL_NN)
 #undef CALL_NN
       return;
     }
 #endif
-    matmul_nn_scalar(static_cast<const float*>(g.data_ptr()), M, w, c, pe, po, u0 * 16, u1 * 16);
+    matmul_nn_scalar(static_cast<const float*>(g.data_ptr()), M, w, c, pe, po, u0 * unit / 2, u1 * unit / 2);
   });
   return {oe, oo};
 }
