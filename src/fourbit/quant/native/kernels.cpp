@@ -930,7 +930,8 @@ torch::Tensor matmul_nt(torch::Tensor x_even, torch::Tensor x_odd, torch::Tensor
   const void* xs2 = steps2.data_ptr();
   const float* c = code.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  // at least ~64K weights per task: waking a second thread costs more than a smaller product
+  at::parallel_for(0, N, std::max<int64_t>(16, 65536 / K), [&](int64_t n0, int64_t n1) {
 #ifdef FOURBIT_X86
     if (bf16) {
 #define CALL_NT(MM) nt_range<MM, true>(xs, xs2, w, c, o, n0, n1)
@@ -970,7 +971,7 @@ std::vector<torch::Tensor> matmul_nn(torch::Tensor g, torch::Tensor packed, torc
   float* po = oo.data_ptr<float>();
   // each task owns a range of 32-column chunks of the output: W's rows are shared, nothing is reduced afterwards
   const int64_t unit = K % 64 == 0 ? 64 : 32;  // 64 lets nn_bf16_cols64 take whole tasks
-  at::parallel_for(0, K / unit, 1, [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, K / unit, std::max<int64_t>(1, 65536 / (N * unit)), [&](int64_t u0, int64_t u1) {
 #ifdef FOURBIT_X86
     if (bf16) {
 #define CALL_NN(MM) nn_range<MM, true>(gp, w, c, pe, po, u0 * unit, u1 * unit)
