@@ -110,27 +110,19 @@ def fused_ok(q: QuantizedTensor) -> bool:
     return len(q.shape) == 2 and q.shape[1] % 32 == 0
 
 
-def _fused_input(t: torch.Tensor) -> torch.Tensor:
-    """fp32 and bf16 go to the kernel as they are (bf16 has its own path where the CPU has AVX512_BF16); fp16 is
-    widened to fp32, exactly."""
-    return t if t.dtype in (torch.float32, torch.bfloat16) else t.float()
-
-
 def matmul_nt(x2d: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
-    """x2d [M, K] @ W.T, W decoded on the fly (M <= 16), in x2d's dtype, accumulated in fp32."""
+    """x2d [M, K] @ W.T, W decoded on the fly (M <= 16), in x2d's dtype, accumulated in fp32 (bf16 inputs multiply
+    bf16 weights where the CPU has AVX512_BF16; fp16 is widened to fp32)."""
     n, k = q.shape
-    pairs = _fused_input(x2d).reshape(-1, k // 2, 2)
-    even, odd = pairs[..., 0].contiguous(), pairs[..., 1].contiguous()
-    out = _module.matmul_nt(even, odd, q.packed, *_scale_args(q), code_table(q.quant_type), q.blocksize, n, k)
+    out = _module.matmul_nt(x2d, q.packed, *_scale_args(q), code_table(q.quant_type), q.blocksize, n, k)
     return out.to(x2d.dtype)
 
 
 def matmul_nn(g2d: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     """g2d [M, N] @ W, W decoded on the fly (M <= 16), in g2d's dtype, accumulated in fp32."""
     n, k = q.shape
-    even, odd = _module.matmul_nn(_fused_input(g2d).contiguous(), q.packed, *_scale_args(q),
-                                  code_table(q.quant_type), q.blocksize, n, k)  # fmt: skip
-    return torch.stack([even, odd], dim=-1).reshape(g2d.shape[0], k).to(g2d.dtype)
+    out = _module.matmul_nn(g2d, q.packed, *_scale_args(q), code_table(q.quant_type), q.blocksize, n, k)
+    return out.to(g2d.dtype)
 
 
 def hash_dropout(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -896,33 +896,27 @@ Weights make_weights(const torch::Tensor& packed, const Scales& scales, int64_t 
   return {packed.data_ptr<uint8_t>(), scales, N, K, __builtin_ctzll(blocksize), blocksize - 1};
 }
 
-// x_even, x_odd: [M, K/2] fp32 or bf16, M <= 16. Returns fp32 [M, N] = x @ W.T
-torch::Tensor matmul_nt(torch::Tensor x_even, torch::Tensor x_odd, torch::Tensor packed, torch::Tensor absmax,
-                        c10::optional<torch::Tensor> nested, c10::optional<torch::Tensor> dynmap, double offset,
-                        torch::Tensor code, int64_t blocksize, int64_t N, int64_t K) {
+// x: [M, K] fp32, bf16 or fp16, M <= 16. Returns fp32 [M, N] = x @ W.T
+torch::Tensor matmul_nt(torch::Tensor x, torch::Tensor packed, torch::Tensor absmax, c10::optional<torch::Tensor> nested,
+                        c10::optional<torch::Tensor> dynmap, double offset, torch::Tensor code, int64_t blocksize,
+                        int64_t N, int64_t K) {
   const Weights w = make_weights(packed, make_scales(absmax, nested, dynmap, offset), blocksize, N, K);
-  const int64_t M = x_even.size(0);
-  TORCH_CHECK(M <= 16, "fused 4-bit products take at most 16 rows");
-  auto out = torch::zeros({M, N}, x_even.options().dtype(torch::kFloat32));
+  const int64_t M = x.size(0);
+  TORCH_CHECK(M <= 16 && x.dim() == 2 && x.size(1) == K, "fused 4-bit products take [M <= 16, K] inputs");
+  auto out = torch::zeros({M, N}, x.options().dtype(torch::kFloat32));
   if (M == 0 || N == 0 || K == 0) return out;
-  const bool bf16 = x_even.scalar_type() == torch::kBFloat16 && has_bf16() && K % 64 == 0 && blocksize >= 64;
-  if (!bf16) {  // bf16 widens to fp32 exactly
-    x_even = x_even.to(torch::kFloat32);
-    x_odd = x_odd.to(torch::kFloat32);
-  }
-  x_even = x_even.contiguous();
-  x_odd = x_odd.contiguous();
-  const float* xe = bf16 ? nullptr : x_even.data_ptr<float>();  // for the scalar path, which is never bf16
+  const bool bf16 = x.scalar_type() == torch::kBFloat16 && has_bf16() && K % 64 == 0 && blocksize >= 64;
+  x = (bf16 ? x : x.to(torch::kFloat32)).contiguous();  // bf16 and fp16 widen to fp32 exactly
+  // the scalar path reads the even and odd columns apart, [M, K/2] each
+  const torch::Tensor x_even = has_avx512() ? x : x.view({M, K / 2, 2}).select(2, 0).contiguous();
+  const torch::Tensor x_odd = has_avx512() ? x : x.view({M, K / 2, 2}).select(2, 1).contiguous();
+  const float* xe = bf16 ? nullptr : x_even.data_ptr<float>();
   const float* xo = bf16 ? nullptr : x_odd.data_ptr<float>();
   // the vector paths read x step by step: [K/step, rows, (even, odd), step/2] (see nt_f32_rows), rows 0-7 and 8-15
-  // apart (see nt_range)
+  // apart (see nt_range); one copy of x
   const int64_t step = bf16 ? 64 : 32;
   auto make_steps = [&](int64_t m0, int64_t m1) {
-    const int64_t rows = m1 - m0;
-    return torch::stack({x_even.narrow(0, m0, rows).reshape({rows, K / step, step / 2}),
-                         x_odd.narrow(0, m0, rows).reshape({rows, K / step, step / 2})}, 2)
-        .permute({1, 0, 2, 3})
-        .contiguous();
+    return x.narrow(0, m0, m1 - m0).reshape({m1 - m0, K / step, step / 2, 2}).permute({1, 0, 3, 2}).contiguous();
   };
   const torch::Tensor steps = make_steps(0, std::min<int64_t>(M, 8));
   const torch::Tensor steps2 = M > 8 ? make_steps(8, M) : steps;
@@ -930,7 +924,6 @@ torch::Tensor matmul_nt(torch::Tensor x_even, torch::Tensor x_odd, torch::Tensor
   const void* xs2 = steps2.data_ptr();
   const float* c = code.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  // at least ~64K weights per task: waking a second thread costs more than a smaller product
   at::parallel_for(0, N, std::max<int64_t>(16, 65536 / K), [&](int64_t n0, int64_t n1) {
 #ifdef FOURBIT_X86
     if (bf16) {
@@ -951,16 +944,17 @@ torch::Tensor matmul_nt(torch::Tensor x_even, torch::Tensor x_odd, torch::Tensor
   return out;
 }
 
-// g: [M, N] fp32 or bf16, M <= 16. Returns the fp32 (even, odd) columns of g @ W, each [M, K/2].
-std::vector<torch::Tensor> matmul_nn(torch::Tensor g, torch::Tensor packed, torch::Tensor absmax,
+// g: [M, N] fp32, bf16 or fp16, M <= 16. Returns fp32 [M, K] = g @ W
+torch::Tensor matmul_nn(torch::Tensor g, torch::Tensor packed, torch::Tensor absmax,
                                      c10::optional<torch::Tensor> nested, c10::optional<torch::Tensor> dynmap,
                                      double offset, torch::Tensor code, int64_t blocksize, int64_t N, int64_t K) {
   const Weights w = make_weights(packed, make_scales(absmax, nested, dynmap, offset), blocksize, N, K);
   const int64_t M = g.size(0);
-  TORCH_CHECK(M <= 16, "fused 4-bit products take at most 16 rows");
+  TORCH_CHECK(M <= 16 && g.dim() == 2 && g.size(1) == N, "fused 4-bit products take [M <= 16, N] inputs");
   auto oe = torch::zeros({M, K / 2}, g.options().dtype(torch::kFloat32));
   auto oo = torch::zeros({M, K / 2}, g.options().dtype(torch::kFloat32));
-  if (M == 0 || N == 0 || K == 0) return {oe, oo};
+  auto interleave = [&]() { return torch::stack({oe, oo}, 2).view({M, K}); };  // the kernels keep them apart
+  if (M == 0 || N == 0 || K == 0) return interleave();
   const bool bf16 = g.scalar_type() == torch::kBFloat16 && has_bf16() && N % 2 == 0;
   g = (bf16 ? g : g.to(torch::kFloat32)).contiguous();
   // the vector paths read g transposed, the values for one row of W (bf16: two rows) together
@@ -988,7 +982,7 @@ std::vector<torch::Tensor> matmul_nn(torch::Tensor g, torch::Tensor packed, torc
 #endif
     matmul_nn_scalar(static_cast<const float*>(g.data_ptr()), M, w, c, pe, po, u0 * unit / 2, u1 * unit / 2);
   });
-  return {oe, oo};
+  return interleave();
 }
 
 std::string cpu_path() { return has_bf16() ? "avx512-bf16" : (has_avx512() ? "avx512" : "scalar"); }
