@@ -113,3 +113,127 @@ def test_cli_picks_one_of_several_adapters(tiny_llama, tmp_path):
         assert run_cli(*args, "--use", name).stdout.rstrip("\n") == generate_text(model, tokenizer, "hello",
                                                                                    max_new_tokens=6)  # fmt: skip
     assert tokens["x"] != tokens["y"]  # (their text may decode to the same replacement characters)
+
+
+# --- the lean decoding loop -----------------------------------------------------------------------------------------
+
+PROMPTS = ["a", "a much longer prompt, so the others are left-padded", "hello there", "xyz"]
+
+
+def _batch(tokenizer, prompts):
+    tokenizer.padding_side = "left"
+    return tokenizer(prompts, return_tensors="pt", padding=True)
+
+
+def _both(model, tokenizer, batch, eos, **kw):
+    """(decode's new tokens, generate's new tokens) for the same left-padded batch."""
+    from fourbit.serve.generate import decode
+
+    n = batch["input_ids"].shape[1]
+    with torch.inference_mode():
+        theirs = model.generate(**batch, do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                                **kw)[:, n:]  # fmt: skip
+        ours = decode(model, batch["input_ids"], batch["attention_mask"], kw["max_new_tokens"],
+                      kw.get("min_new_tokens", 0), eos, tokenizer.pad_token_id)  # fmt: skip
+    return ours, theirs
+
+
+def test_decode_equals_generate_batched_left_padded(tiny_llama):
+    model, tokenizer = fourbit.load(tiny_llama, progress=False)
+    for prompts in (PROMPTS[:1], PROMPTS):
+        ours, theirs = _both(model, tokenizer, _batch(tokenizer, prompts), tokenizer.eos_token_id, max_new_tokens=12)
+        assert ours.shape == theirs.shape and torch.equal(ours, theirs)
+    # each row alone gives the same tokens as in the padded batch
+    ours, _ = _both(model, tokenizer, _batch(tokenizer, PROMPTS), tokenizer.eos_token_id, max_new_tokens=8)
+    for row, prompt in enumerate(PROMPTS):
+        alone, _ = _both(model, tokenizer, _batch(tokenizer, [prompt]), tokenizer.eos_token_id, max_new_tokens=8)
+        assert torch.equal(alone[0, : alone.shape[1]], ours[row, : alone.shape[1]])
+
+
+def test_decode_equals_generate_with_adapters_and_routing(tiny_llama):
+    from fourbit.models.adapters import add_adapter
+    from fourbit.nn import adapter_routing, set_active_adapters
+
+    torch.manual_seed(0)
+    model, tokenizer = fourbit.load(tiny_llama, progress=False)
+    for i, name in enumerate(["x", "y"]):
+        add_adapter(model, name, r=4, alpha=32, target="q_proj,v_proj,down_proj" if i else "all-linear")
+        with torch.no_grad():
+            for layer in qlora_layers(model).values():
+                if name in layer.lora_B:
+                    layer.lora_B[name].weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(i))
+    batch = _batch(tokenizer, PROMPTS)
+    results = {}
+    for active in ("x", {"x": 0.5, "y": 0.7}, None):
+        set_active_adapters(model, active)
+        ours, theirs = _both(model, tokenizer, batch, tokenizer.eos_token_id, max_new_tokens=10)
+        assert torch.equal(ours, theirs)
+        results[str(active)] = ours
+    assert not torch.equal(results["x"], results["None"])
+    set_active_adapters(model, None)
+    with adapter_routing(model, ["x", None, "y", "x"]):
+        ours, theirs = _both(model, tokenizer, batch, tokenizer.eos_token_id, max_new_tokens=10)
+    assert torch.equal(ours, theirs)
+
+
+def test_decode_stops_at_eos_and_pads_finished_rows(tiny_llama):
+    model, tokenizer = fourbit.load(tiny_llama, progress=False)
+    batch = _batch(tokenizer, PROMPTS)
+    free, _ = _both(model, tokenizer, batch, tokenizer.eos_token_id, max_new_tokens=12)
+    eos = int(free[0, 3])  # a token row 0 produces at step 3: make it the EOS
+    ours, theirs = _both(model, tokenizer, batch, eos, max_new_tokens=12)
+    assert torch.equal(ours, theirs)
+    first = (free[0] == eos).nonzero()[0, 0]
+    assert ours[0, first] == eos and (ours[0, first + 1 :] == tokenizer.pad_token_id).all()
+    # every row stopping ends the loop early: one prompt, EOS at step 3
+    ours, theirs = _both(model, tokenizer, _batch(tokenizer, PROMPTS[:1]), eos, max_new_tokens=12)
+    assert torch.equal(ours, theirs) and ours.shape[1] == first + 1
+    # min_new_tokens keeps EOS out of the first steps, as generate's
+    ours, theirs = _both(model, tokenizer, batch, eos, max_new_tokens=12, min_new_tokens=12)
+    assert torch.equal(ours, theirs) and ours.shape[1] == 12 and (ours != eos).all()
+
+
+def test_sampling_matches_generate_for_a_seed(tiny_llama):
+    from fourbit.serve.generate import decode
+
+    model, tokenizer = fourbit.load(tiny_llama, progress=False)
+    batch = _batch(tokenizer, PROMPTS)
+    n = batch["input_ids"].shape[1]
+    for temperature, top_p in ((0.8, 0.9), (1.0, 1.0), (1.5, 0.5)):
+        with torch.inference_mode():
+            torch.manual_seed(5)
+            theirs = model.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p, top_k=None,
+                                    max_new_tokens=10, pad_token_id=tokenizer.pad_token_id)[:, n:]  # fmt: skip
+            torch.manual_seed(5)
+            ours = decode(model, batch["input_ids"], batch["attention_mask"], 10, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p)  # fmt: skip
+        assert torch.equal(ours, theirs)
+    a = generate_text(model, tokenizer, "hello", max_new_tokens=8, temperature=1.0, seed=1)
+    assert a == generate_text(model, tokenizer, "hello", max_new_tokens=8, temperature=1.0, seed=1)
+
+
+def test_generate_text_streams_what_it_returns(tiny_llama):
+    model, tokenizer = fourbit.load(tiny_llama, progress=False)
+    pieces = []
+    text = generate_text(model, tokenizer, "hello", max_new_tokens=10, on_text=pieces.append)
+    assert "".join(pieces) == text
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert text == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_models_decode_cannot_reproduce_go_through_generate(tiny_llama):
+    from fourbit.serve.generate import lean_decode_ok
+
+    model, tokenizer = fourbit.load(tiny_llama, progress=False)
+    assert lean_decode_ok(model)
+    model.generation_config.repetition_penalty = 1.3
+    assert not lean_decode_ok(model)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generate_text(model, tokenizer, "hello", max_new_tokens=10) == tokenizer.decode(
+        out[0, ids.shape[1] :], skip_special_tokens=True)  # fmt: skip

@@ -1,9 +1,17 @@
-"""Text generation with a (4-bit) model: one prompt streamed, or a file of records answered in batches."""
+"""Text generation with a (4-bit) model: one prompt streamed, or a file of records answered in batches.
+
+Both go through `decode`, a lean loop around the model's forward: a KV cache, only the last position through the
+output head, the next token picked directly (argmax for greedy; temperature and top-p for sampling, applied exactly as
+transformers' warpers do, so seeded samples match `model.generate`'s). At batch 1 on a CPU the per-token cost of
+transformers' `generate` machinery (input preparation, logits processors, stopping criteria) is a large share of a
+small model's step; the tokens are the same.
+"""
 
 from __future__ import annotations
 
+import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -39,6 +47,142 @@ def _sampling(temperature: float, top_p: float, max_new_tokens: int, tokenizer) 
     if temperature == 0:
         return args | dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     return args | dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=None)
+
+
+# generation_config settings `decode` does not implement: a model that sets any of them goes through `model.generate`
+_UNHANDLED = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0,
+              "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+              "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None,
+              "exponential_decay_length_penalty": None, "min_length": 0, "max_time": None, "stop_strings": None,
+              "num_beams": 1, "diversity_penalty": 0.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None,
+              "typical_p": 1.0, "renormalize_logits": False, "num_return_sequences": 1}  # fmt: skip
+
+
+def lean_decode_ok(model) -> bool:
+    """Whether `decode` gives what `model.generate` would: a decoder-only model with a KV cache, `logits_to_keep`,
+    and no generation_config setting (repetition penalty, forced tokens, ...) that `decode` leaves out."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    if not {"logits_to_keep", "past_key_values", "position_ids", "attention_mask"} <= set(params):
+        return False
+    gen = getattr(model, "generation_config", None)
+    for key, default in _UNHANDLED.items():
+        value = getattr(gen, key, default)
+        if value not in (default, None) and not (default is None and value in ((), [])):
+            return False
+    return True
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id if tokenizer is not None else None
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
+def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """transformers' TopPLogitsWarper (min_tokens_to_keep=1), step for step, so sampling draws the same tokens."""
+    sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+    remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+    remove[..., -1:] = 0
+    return scores.masked_fill(remove.scatter(1, sorted_indices, remove), -float("inf"))
+
+
+@torch.inference_mode()
+def decode(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 256,
+    min_new_tokens: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    on_tokens: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """The new tokens [batch, steps] for a left-padded batch of prompts, as `model.generate` returns them after the
+    prompt: greedy when `temperature == 0`, else sampled (temperature, then top-p). A row that has produced an EOS
+    token is filled with `pad_token_id` afterwards; the loop stops when every row has, or after `max_new_tokens`. EOS
+    cannot end a row before `min_new_tokens`. `on_tokens` gets each step's tokens [batch] as they come."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    from transformers import DynamicCache
+
+    batch = input_ids.shape[0]
+    device = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    # As generate: positions count real tokens only (left padding sits at position 0); an all-ones mask is dropped.
+    positions = attention_mask.long().cumsum(-1) - 1
+    positions.masked_fill_(attention_mask == 0, 0)
+    mask = None if bool((attention_mask == 1).all()) else attention_mask
+    eos = torch.tensor(sorted(set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])),
+                       dtype=torch.long, device=device)  # fmt: skip
+    if eos.numel() and pad_token_id is None:
+        pad_token_id = int(eos[0])
+    cache = DynamicCache(config=model.config)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    tokens: list[torch.Tensor] = []
+    step_ids = input_ids
+    for step in range(max_new_tokens):
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]  # fmt: skip
+        if temperature > 0 or (step < min_new_tokens and eos.numel()):
+            logits = logits.float()  # generate's processors work on fp32 scores
+            if step < min_new_tokens and eos.numel():
+                logits[:, eos] = -float("inf")
+        if temperature > 0:
+            if temperature != 1.0:
+                logits = logits / temperature
+            if top_p < 1.0:
+                logits = _top_p(logits, top_p)
+            nxt = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1).squeeze(1)
+        else:
+            nxt = logits.argmax(dim=-1)  # the same index in the compute dtype as in fp32
+        if eos.numel():
+            if pad_token_id is not None:
+                nxt = torch.where(unfinished, nxt, pad_token_id)
+            unfinished &= ~torch.isin(nxt, eos)
+        tokens.append(nxt)
+        if on_tokens is not None:
+            on_tokens(nxt)
+        if not bool(unfinished.any()):
+            break
+        step_ids = nxt[:, None]
+        positions = positions[:, -1:] + 1
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
+    if not tokens:
+        return input_ids.new_empty(batch, 0)
+    return torch.stack(tokens, dim=1)
+
+
+def _generate(model, tokenizer, inputs: dict, max_new_tokens: int, temperature: float, top_p: float,
+              streamer=None) -> torch.Tensor:  # fmt: skip
+    """The new tokens [batch, steps] for tokenized, left-padded `inputs`: `decode` where it applies, else
+    `model.generate`."""
+    pad = tokenizer.pad_token_id or tokenizer.eos_token_id
+    if not lean_decode_ok(model):
+        sampling = _sampling(temperature, top_p, max_new_tokens, tokenizer)
+        return model.generate(**inputs, streamer=streamer, **sampling)[:, inputs["input_ids"].shape[1] :]
+    on_tokens = None
+    if streamer is not None:
+        streamer.prompt_seen = True
+        on_tokens = streamer.put
+    out = decode(model, inputs["input_ids"], inputs.get("attention_mask"), max_new_tokens,
+                 eos_token_id=_eos_ids(model, tokenizer), pad_token_id=pad, temperature=temperature, top_p=top_p,
+                 on_tokens=on_tokens)  # fmt: skip
+    if streamer is not None:
+        streamer.end()
+    return out
 
 
 class _Printer:
@@ -85,8 +229,8 @@ def generate_text(
         torch.manual_seed(seed)
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not templated)
     streamer = _Printer(tokenizer, on_text) if on_text else None
-    out = model.generate(**inputs, streamer=streamer, **_sampling(temperature, top_p, max_new_tokens, tokenizer))
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    out = _generate(model, tokenizer, inputs, max_new_tokens, temperature, top_p, streamer)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
 @torch.inference_mode()
@@ -121,9 +265,9 @@ def generate_records(
                 idx = order[start : start + batch_size]
                 batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
                                   add_special_tokens=add_special)  # fmt: skip
-                out = model.generate(**batch, **_sampling(temperature, top_p, max_new_tokens, tokenizer))
+                out = _generate(model, tokenizer, batch, max_new_tokens, temperature, top_p)
                 for row, i in enumerate(idx):
-                    completions[i] = tokenizer.decode(out[row, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+                    completions[i] = tokenizer.decode(out[row], skip_special_tokens=True)
                 bar.update(len(idx))
     finally:
         tokenizer.padding_side = pad_side
