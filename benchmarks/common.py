@@ -94,3 +94,36 @@ def record_results(workload: str, rows: list[dict]) -> None:
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     data[workload] = {"date": today(), "machine": machine(), "rows": rows}
     RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def rss_anon_mb_of(pid: int) -> float | None:
+    """Resident anonymous memory of process `pid` (None once it has gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        return None
+    return 0.0
+
+
+def run_sampled(cmd: list[str], env: dict | None = None, interval: float = 0.005) -> dict:
+    """Run `cmd` as a child process while the caller samples its RssAnon every `interval` seconds.
+    Returns {"returncode", "stdout", "stderr", "seconds" (wall time of the whole process), "peak_mb"}."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, text=True)
+        peak = 0.0
+        while proc.poll() is None:
+            mb = rss_anon_mb_of(proc.pid)
+            if mb is not None:
+                peak = max(peak, mb)
+            time.sleep(interval)
+        seconds = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        return {"returncode": proc.returncode, "stdout": out.read(), "stderr": err.read(), "seconds": seconds,
+                "peak_mb": peak}
