@@ -242,7 +242,11 @@ class QLoRALinear(nn.Module):
             routing = AdapterRouting.from_rows(adapter_ids, names, x.device)
             self._check_known(routing.names)
         x_c = x.to(self.compute_dtype)
-        y = Linear4bitFunction.apply(x_c.reshape(-1, self.in_features), self.weight_4bit)
+        x2d = x_c.reshape(-1, self.in_features)
+        if torch.is_grad_enabled() and x2d.requires_grad:
+            y = Linear4bitFunction.apply(x2d, self.weight_4bit)
+        else:  # nothing to differentiate (inference, decoding): the product without the autograd Function's toll
+            y = linear_4bit(x2d, self.weight_4bit)
         y = y.view(*x.shape[:-1], self.out_features)
         # In-place adds on y (its backward does not need it): one fresh tensor per layer and adapter, not three;
         # on CPUs the allocator's churn shows up in peak memory as much as in time.
