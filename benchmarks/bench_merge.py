@@ -111,7 +111,9 @@ def main() -> None:
              f"bf16 output, quality report included), beside a fourbit load of the same checkpoint in the same run; "
              f"each in a fresh process, median of {args.repeats} alternating runs. Peak private memory = peak "
              "resident anonymous memory (memory-mapped checkpoint and adapter pages not counted). The bound: the "
-             "loading peak plus one dense fp32 layer of the model.", "",
+             "loading peak plus one dense fp32 layer of the model. Both peaks include freed memory glibc has not "
+             "yet returned to the OS; for the load that varies from run to run (measured 778 to 831 MB on a busy "
+             "2-core machine; the merge returns it after each layer).", "",
              "| | seconds | peak private MB |", "|---|---|---|",
              f"| fourbit load (4-bit model, no adapter) | {med(loads, 'seconds'):.1f} | {load_peak:.0f} |",
              f"| bound: load peak + one dense layer ({rows_}x{cols} fp32, {layer_mb:.0f} MB) | | {bound:.0f} |",

@@ -102,7 +102,9 @@ class MergeReport:
 @torch.no_grad()
 def _log_probs(model, ids: torch.Tensor) -> torch.Tensor:
     logits = model(ids).logits.float()  # the output object, and its logits in the compute dtype, are freed here
-    return logits.log_softmax(-1)
+    # log_softmax(-1) written over its input (each row's max and sum are taken before the row is written): the same
+    # values without a second tensor of the vocabulary's size
+    return torch._log_softmax(logits, -1, False, out=logits)
 
 
 def release_freed_memory() -> None:
