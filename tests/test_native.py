@@ -1,5 +1,9 @@
 """The native kernels against the pure-torch ones (bytes) and a float64 reference (products)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -110,6 +114,45 @@ def test_bf16_product_is_dequantize_then_bf16_matmul():
     g = torch.randn(3, n).bfloat16()
     torch.testing.assert_close(linear_4bit(x, q), (x.double() @ wb.t()).bfloat16(), rtol=8e-3, atol=1e-6)
     torch.testing.assert_close(linear_4bit_t(g, q), (g.double() @ wb).bfloat16(), rtol=8e-3, atol=1e-6)
+
+
+_PATH_CHECK = """
+import torch, fourbit
+from fourbit.quant import native, torch_kernels, use_kernels
+from fourbit.quant.matmul import linear_4bit, linear_4bit_t
+assert native.cpu_path() == "{path}", native.cpu_path()
+torch.manual_seed(0)
+for n, k, bs in ((48, 192, 64), (37, 96, 32), (20, 128, 4096)):
+    w = torch.randn(n, k)
+    with use_kernels("native"):
+        q = fourbit.quantize_4bit(w, "nf4", bs, True)
+    with use_kernels("torch"):
+        r = fourbit.quantize_4bit(w, "nf4", bs, True)
+    assert torch.equal(q.packed, r.packed) and torch.equal(q.absmax, r.absmax)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert torch.equal(native.dequantize(q, dtype, 3, n * k - 5), torch_kernels.dequantize(q, dtype, 3, n * k - 5))
+    wd = q.dequantize(torch.float64)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for m in (1, 3, 9, 16):
+            x, g = torch.randn(m, k).to(dtype), torch.randn(m, n).to(dtype)
+            want_y, want_gx = x.double() @ wd.t(), g.double() @ wd
+            y, gx = linear_4bit(x, q).double(), linear_4bit_t(g, q).double()
+            assert (y - want_y).abs().max() / want_y.abs().max() < tol, (m, dtype)
+            assert (gx - want_gx).abs().max() / want_gx.abs().max() < tol, (m, dtype)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("path", ["scalar", "avx512"])
+def test_every_cpu_path(path):
+    """The portable path and the AVX-512 one without BF16/VBMI, forced on this CPU (in a fresh process: the choice
+    is made once per process)."""
+    if path == "avx512" and native.cpu_path() == "scalar":
+        pytest.skip("no AVX-512 here")
+    env = {**os.environ, "FOURBIT_CPU_PATH": path}
+    done = subprocess.run([sys.executable, "-c", _PATH_CHECK.format(path=path)], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 def test_zero_gradient_rows_are_skipped_correctly():

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <atomic>
 #include <cstring>
@@ -173,9 +174,21 @@ AVX512 void quantize_avx512(const T* x, int64_t n, int64_t blocksize, const floa
 }
 #endif
 
+// FOURBIT_CPU_PATH=scalar or =avx512 caps the vector paths below what the CPU has, so the tests can run every path
+// on one machine
+int cpu_cap() {
+  static const int cap = [] {
+    const char* env = std::getenv("FOURBIT_CPU_PATH");
+    if (env && std::strcmp(env, "scalar") == 0) return 0;
+    if (env && std::strcmp(env, "avx512") == 0) return 1;
+    return 2;
+  }();
+  return cap;
+}
+
 bool has_avx512() {
 #ifdef FOURBIT_X86
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  static const bool ok = cpu_cap() >= 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   return ok;
 #else
@@ -185,7 +198,7 @@ bool has_avx512() {
 
 bool has_vbmi() {  // byte shuffles: dequantize's spread, the pairing of two rows in the bf16 g @ W
 #ifdef FOURBIT_X86
-  static const bool ok = has_avx512() && __builtin_cpu_supports("avx512vbmi");
+  static const bool ok = cpu_cap() >= 2 && has_avx512() && __builtin_cpu_supports("avx512vbmi");
   return ok;
 #else
   return false;
