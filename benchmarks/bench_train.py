@@ -381,6 +381,18 @@ def one_run(stack: str, setup: dict, batch_size: int, switch_steps: int, new_tok
     return result
 
 
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in ("torch", "transformers", "bitsandbytes", "peft", "fourbit"):
+        try:
+            out.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            pass
+    return ", ".join(out)
+
+
 def med(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
@@ -443,7 +455,12 @@ def report(results: dict[str, list[dict]], setup: dict, args, command: str) -> N
               f"{args.switch_steps} timed steps, one generation, {args.switch_steps} timed steps; \"generate first\" "
               f"= a warm-up generation, a timed generation, {args.switch_steps} training steps, a timed generation. "
               f"Training steps use the first {args.batch_size} training examples padded, for both stacks (fourbit: "
-              "its trainer's accumulate_gradients over its LossModule, PagedAdamW, gradient clipping)."]
+              "its trainer's accumulate_gradients over its LossModule, PagedAdamW, gradient clipping). On a CPU "
+              "with AVX512-BF16, bitsandbytes repacks each Linear4bit for its inference kernel at the first "
+              "eval-mode forward and keeps that layout; training afterwards runs through `gemv_4bit`, which has no "
+              "autograd kernel, so gradients silently stop flowing through the 4-bit layers (torch warns): the "
+              "reference's training after a generation is then not the same computation, and its ratio reflects "
+              "that, not only speed.", "", f"Versions: {_versions()}."]
     if len(results) == 2:
         f, r = results["fourbit"], results["reference"]
         speed = med(r, "train_seconds") / med(f, "train_seconds")
