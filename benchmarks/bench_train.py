@@ -335,12 +335,15 @@ def prepare(quick: bool, batch_size: int, train_limit: int | None, test_limit: i
     records = read_records(str(ROOT / "data/demo/train.jsonl"))
     records = records[: train_limit or (48 if quick else len(records))]
     examples = [encode_record(tokenizer, r, MAX_LENGTH) for r in records]
-    # the longest prefix whose packed rows fill whole fourbit steps, so fourbit's epoch uses every example
+    # fourbit's step takes as many packed rows as hold about batch_size examples, so both stacks make about the
+    # same number of optimizer steps; then the longest prefix whose packed rows fill whole fourbit steps, so
+    # fourbit's epoch uses every example
     n = len(examples)
-    while n > 0 and len(pack(examples[:n], MAX_LENGTH)) % batch_size:
+    rows_per_step = max(1, round(batch_size * len(pack(examples, MAX_LENGTH)) / n))
+    while n > 0 and len(pack(examples[:n], MAX_LENGTH)) % rows_per_step:
         n -= 1
     if n == 0:
-        raise SystemExit(f"too few examples for one step of {batch_size} packed rows")
+        raise SystemExit(f"too few examples for one step of {rows_per_step} packed rows")
     rows = len(pack(examples[:n], MAX_LENGTH))
     tests = read_records(str(ROOT / "data/demo/test.jsonl"))
     tests = tests[: test_limit or (16 if quick else len(tests))]
@@ -349,7 +352,7 @@ def prepare(quick: bool, batch_size: int, train_limit: int | None, test_limit: i
     train_path.write_text("".join(json.dumps(r.data) + "\n" for r in records[:n]))
     test_path.write_text("".join(json.dumps(r.data) + "\n" for r in tests))
     return {"model_dir": model_dir, "train": str(train_path), "test": str(test_path), "n_train": n,
-            "n_available": len(records), "n_test": len(tests), "packed_rows": rows,
+            "n_available": len(records), "n_test": len(tests), "packed_rows": rows, "rows_per_step": rows_per_step,
             "tokens": sum(len(e.input_ids) for e in examples[:n]),
             "loss_tokens": sum(e.n_loss_tokens for e in examples[:n]),
             "dtype": str(default_compute_dtype("cpu")).removeprefix("torch.")}  # fmt: skip
@@ -367,7 +370,8 @@ def run_child(args: list[str]) -> dict:
 def one_run(stack: str, setup: dict, batch_size: int, switch_steps: int, new_tokens: int, index: int) -> dict:
     out = str(WORK / f"adapter-{stack}-{index}")
     shared = [setup["model_dir"], setup["train"], setup["test"], setup["dtype"], str(batch_size)]
-    trained = run_child([stack, "train", out, *shared])
+    per_step = str(setup["rows_per_step"] if stack == "fourbit" else batch_size)
+    trained = run_child([stack, "train", out, *shared[:-1], per_step])
     evald = run_child([stack, "eval", out, *shared])
     result = trained | {"eval_peak_mb": evald["peak_mb"], "eval_process_seconds": evald["process_seconds"],
                         "exact": evald["exact"], "scored": evald["scored"], "eval_seconds": evald["eval_seconds"]}
@@ -409,8 +413,8 @@ def report(results: dict[str, list[dict]], setup: dict, args, command: str) -> N
              f"data/demo/test.jsonl. Hyperparameters for both: LoRA r=16, alpha 32, dropout 0.05 on all linear "
              f"layers of the decoder, lr 1e-3, 3 warm-up steps then cosine, max grad norm 0.3, no weight decay, "
              f"NF4 + double quantization, {setup['dtype']} compute (fourbit's choice here), max_length "
-             f"{MAX_LENGTH}, seed 0, {args.batch_size} sequences per optimizer step (fourbit: packed rows; "
-             "reference: padded examples).", "",
+             f"{MAX_LENGTH}, seed 0. Per optimizer step: the reference {args.batch_size} padded examples, fourbit "
+             f"{setup['rows_per_step']} packed rows of up to {MAX_LENGTH} tokens (about as many examples).", "",
              "| | training s | process s | tokens/s | peak private MB (training process) | exact match | "
              "optimizer steps | final train loss | eval process peak MB |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip

@@ -2,7 +2,8 @@
 
     python benchmarks/run_all.py [--repeats N] [--only load merge ...]
 
-Runs bench_kernels.py, bench_load.py --size 1.1b 7b, bench_merge.py, bench_generate.py and bench_train.py (each in
+Runs bench_kernels.py, bench_load.py --size 1.1b 7b, bench_merge.py, bench_generate.py, bench_train.py and
+bench_levers.py (each in
 its own process; `--repeats N` is passed to the scripts that take it), then chart.py. A script that is missing is
 skipped with a message; a script that fails does not stop the others, and the exit status is 1. The 7B load needs
 ~14 GB of disk in /tmp (written once, then reused) and ~6 GB of memory for the reference; run on a quiet machine.
@@ -25,6 +26,7 @@ WORKLOADS = [
     ("merge", "bench_merge.py", []),
     ("generate", "bench_generate.py", []),
     ("train", "bench_train.py", []),
+    ("levers", "bench_levers.py", []),
 ]
 
 
