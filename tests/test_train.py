@@ -292,3 +292,16 @@ def test_tokenizer_without_chat_template_gets_the_fallback(tokenizer):
     ex = encode_record(plain, Record(CHATS[7], "x:1"), 256)
     carried = [t for t, label in zip(ex.input_ids, ex.labels, strict=True) if label != IGNORE]
     assert plain.decode(carried) == "2<|im_end|>\n"  # ChatML as plain text: the documented fallback
+
+
+def test_a_checkpoint_half_written_by_a_killed_process_is_removed(tmp_path):
+    from fourbit.train.checkpoints import checkpoint_dirs, save_checkpoint
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".step-000004.partial-{dead.pid}"
+    stale.mkdir(parents=True)
+    (stale / "adapter.safetensors").write_bytes(b"half")
+    save_checkpoint(tmp_path, 6, {"a": torch.ones(2)}, {}, {"step": 6}, keep=2)
+    assert not stale.exists()
+    assert [step for step, _ in checkpoint_dirs(tmp_path)] == [6]

@@ -68,7 +68,7 @@ def lean_decode_ok(model) -> bool:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
-    if not {"logits_to_keep", "past_key_values", "position_ids", "attention_mask"} <= set(params):
+    if not {"logits_to_keep", "position_ids", "attention_mask"} <= set(params) or _cache_argument(model) is None:
         return False
     gen = getattr(model, "generation_config", None)
     for key, default in _UNHANDLED.items():
@@ -76,6 +76,16 @@ def lean_decode_ok(model) -> bool:
         if value not in (default, None) and not (default is None and value in ((), [])):
             return False
     return True
+
+
+def _cache_argument(model) -> str | None:
+    """The name under which `model.forward` takes its KV cache: `cache` in newer transformers (5.24 here),
+    `past_key_values` in older ones; None if it takes none."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -128,12 +138,12 @@ def decode(
                        dtype=torch.long, device=device)  # fmt: skip
     if eos.numel() and pad_token_id is None:
         pad_token_id = int(eos[0])
-    cache = DynamicCache(config=model.config)
+    cache = {_cache_argument(model) or "past_key_values": DynamicCache(config=model.config)}
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     tokens: list[torch.Tensor] = []
     step_ids = input_ids
     for step in range(max_new_tokens):
-        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, **cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1]  # fmt: skip
         if temperature > 0 or (step < min_new_tokens and eos.numel()):
             logits = logits.float()  # generate's processors work on fp32 scores

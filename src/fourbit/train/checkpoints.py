@@ -20,6 +20,25 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"step-(\d+)")
+PARTIAL_DIR = re.compile(r"\.step-\d+\.partial-(\d+)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(root: Path) -> None:
+    """Delete half-written checkpoint folders left by a process that was killed while saving."""
+    for d in root.iterdir() if root.exists() else ():
+        m = PARTIAL_DIR.fullmatch(d.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:
@@ -55,6 +74,7 @@ def save_checkpoint(
     _fsync(root)
     for old in sorted(checkpoint_dirs(root))[:-keep]:
         shutil.rmtree(old[1], ignore_errors=True)
+    remove_stale_partials(root)
     return final
 
 
