@@ -27,6 +27,7 @@ from fourbit.atomic import write_atomic
 from fourbit.models import bnb_checkpoint
 from fourbit.models.resolve import resolve_model
 from fourbit.nn import QLoRALinear
+from fourbit.nn.small_batch_linear import use_small_batch_head
 from fourbit.quant import quantize_4bit
 
 # Architectures fourbit tests; others that transformers builds as a causal LM with nn.Linear layers usually work too,
@@ -306,5 +307,6 @@ def load_model(folder: Path, opts: LoadOptions, progress: bool = True) -> nn.Mod
     model.to(opts.device)  # computed buffers were made on the CPU
     model.requires_grad_(False)
     model.eval()
+    use_small_batch_head(model)
     model.fourbit_load_options = opts
     return model

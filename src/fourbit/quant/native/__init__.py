@@ -21,6 +21,10 @@ from fourbit.quant.codes import code_table, dynamic_map, rounding_table
 from fourbit.quant.tensor import QuantizedTensor
 
 SOURCES = [Path(__file__).with_name("kernels.cpp"), Path(__file__).with_name("dropout.cpp")]
+# -fopenmp: at::parallel_for is OpenMP in torch's CPU wheels and runs serially in code compiled without it; the
+# library then needs libgomp.so.1, which resolves to the copy torch has already loaded (one runtime, one pool)
+CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 _module = None
 _error: str | None = None
 
@@ -30,7 +34,7 @@ def _cache_dir() -> Path:
         root = Path(os.environ["FOURBIT_CACHE"])
     else:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fourbit"
-    digest = hashlib.sha256(torch.__version__.encode() + sys.version.encode())
+    digest = hashlib.sha256(torch.__version__.encode() + sys.version.encode() + " ".join(CFLAGS + LDFLAGS).encode())
     for source in SOURCES:
         digest.update(source.read_bytes())
     tag = digest.hexdigest()[:16]
@@ -58,7 +62,8 @@ def _build():
             name="fourbit_kernels",
             sources=copies,
             build_directory=str(build_dir),
-            extra_cflags=["-O3", "-ffp-contract=off", "-fno-math-errno"],
+            extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
             verbose=False,
         )
 
@@ -123,6 +128,17 @@ def matmul_nn(g2d: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     n, k = q.shape
     out = _module.matmul_nn(g2d, q.packed, *_scale_args(q), code_table(q.quant_type), q.blocksize, n, k)
     return out.to(g2d.dtype)
+
+
+def dense_ok() -> bool:
+    """Whether matmul_dense_nt runs on this CPU (AVX512_BF16)."""
+    return available() and _module.dense_ok()
+
+
+def matmul_dense_nt(x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x2d [M <= 16, K] @ weight.T for bf16 x2d and a dense bf16 weight [N, K] (K % 32 == 0), accumulated in fp32,
+    returned in bf16."""
+    return _module.matmul_dense_nt(x2d, weight).to(x2d.dtype)
 
 
 def hash_dropout(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype | None = None) -> torch.Tensor:
