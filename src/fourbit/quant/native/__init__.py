@@ -120,7 +120,7 @@ def matmul_nt(x2d: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     bf16 weights where the CPU has AVX512_BF16; fp16 is widened to fp32)."""
     n, k = q.shape
     out = _module.matmul_nt(x2d, q.packed, *_scale_args(q), code_table(q.quant_type), q.blocksize, n, k)
-    return out.to(x2d.dtype)
+    return out if out.dtype == x2d.dtype else out.to(x2d.dtype)
 
 
 def matmul_nn(g2d: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:

@@ -592,8 +592,8 @@ void nt_group(const void* x_steps, const Weights& w, const float* code, int64_t 
 // rows of x go in two groups, each with its own steps (x_steps, x_steps2), over the same tile and slice: a weight is
 // then decoded twice, but x is loaded once per two rows of W instead of once per row (measured single-threaded: 16 rows as
 // 8 + 8 about 1.15x faster than 16 at once, which fits only one row of W beside its 16 accumulators).
-template <int M, bool BF16>
-void nt_range(const void* x_steps, const void* x_steps2, const Weights& w, const float* code, float* out, int64_t n0,
+template <int M, bool BF16, typename OutT>
+void nt_range(const void* x_steps, const void* x_steps2, const Weights& w, const float* code, OutT* out, int64_t n0,
               int64_t n1) {
   constexpr int G1 = M > 8 ? 8 : M, G2 = M > 8 ? M - 8 : 0;
   constexpr int R = nt_rows_per_step(G1);
@@ -615,7 +615,7 @@ void nt_range(const void* x_steps, const void* x_steps2, const Weights& w, const
         const float* a = m < G1 ? acc + (r * G1 + m) * 16 : acc2 + (r * G2 + m - G1) * 16;
         float s = 0.f;
         for (int l = 0; l < 16; ++l) s += a[l];
-        out[m * w.N + t0 + r] = s;
+        store_one(out, m * w.N + t0 + r, s);
       }
   }
 }
@@ -938,51 +938,85 @@ Weights make_weights(const torch::Tensor& packed, const Scales& scales, int64_t 
   return {packed.data_ptr<uint8_t>(), scales, N, K, __builtin_ctzll(blocksize), blocksize - 1};
 }
 
-// x: [M, K] fp32, bf16 or fp16, M <= 16. Returns fp32 [M, N] = x @ W.T
+// rows [m0, m1) of x [M, K] in the vector paths' step layout: [K / step][m1 - m0][even, odd][step / 2]
+template <typename T>
+const T* x_in_steps(const T* x, int64_t m0, int64_t m1, int64_t K, int64_t step, std::vector<T>& buf) {
+  const int64_t rows = m1 - m0, half = step / 2;
+  buf.resize(rows * K);
+  T* dst = buf.data();
+  for (int64_t s = 0; s < K / step; ++s)
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* src = x + m * K + s * step;
+      for (int64_t j = 0; j < half; ++j) {
+        dst[j] = src[2 * j];
+        dst[half + j] = src[2 * j + 1];
+      }
+      dst += step;
+    }
+  return buf.data();
+}
+
+// x: [M, K] fp32, bf16 or fp16, M <= 16. Returns x @ W.T [M, N]: bf16 for bf16 x on the vector paths (rounded once
+// from the fp32 sums), else fp32.
 torch::Tensor matmul_nt(torch::Tensor x, torch::Tensor packed, torch::Tensor absmax, c10::optional<torch::Tensor> nested,
                         c10::optional<torch::Tensor> dynmap, double offset, torch::Tensor code, int64_t blocksize,
                         int64_t N, int64_t K) {
   const Weights w = make_weights(packed, make_scales(absmax, nested, dynmap, offset), blocksize, N, K);
   const int64_t M = x.size(0);
   TORCH_CHECK(M <= 16 && x.dim() == 2 && x.size(1) == K, "fused 4-bit products take [M <= 16, K] inputs");
-  auto out = torch::zeros({M, N}, x.options().dtype(torch::kFloat32));
-  if (M == 0 || N == 0 || K == 0) return out;
+  const bool bf16_out = x.scalar_type() == torch::kBFloat16 && has_avx512();
+  auto out = torch::empty({M, N}, x.options().dtype(bf16_out ? torch::kBFloat16 : torch::kFloat32));
+  if (M == 0 || N == 0) return out;
+  if (K == 0) return out.zero_();
   const bool bf16 = x.scalar_type() == torch::kBFloat16 && has_bf16() && K % 64 == 0 && blocksize >= 64;
   x = (bf16 ? x : x.to(torch::kFloat32)).contiguous();  // bf16 and fp16 widen to fp32 exactly
-  // the scalar path reads the even and odd columns apart, [M, K/2] each
-  const torch::Tensor x_even = has_avx512() ? x : x.view({M, K / 2, 2}).select(2, 0).contiguous();
-  const torch::Tensor x_odd = has_avx512() ? x : x.view({M, K / 2, 2}).select(2, 1).contiguous();
-  const float* xe = bf16 ? nullptr : x_even.data_ptr<float>();
-  const float* xo = bf16 ? nullptr : x_odd.data_ptr<float>();
-  // the vector paths read x step by step: [K/step, rows, (even, odd), step/2] (see nt_f32_rows), rows 0-7 and 8-15
-  // apart (see nt_range); one copy of x
-  const int64_t step = bf16 ? 64 : 32;
-  auto make_steps = [&](int64_t m0, int64_t m1) {
-    return x.narrow(0, m0, m1 - m0).reshape({m1 - m0, K / step, step / 2, 2}).permute({1, 0, 3, 2}).contiguous();
-  };
-  const torch::Tensor steps = make_steps(0, std::min<int64_t>(M, 8));
-  const torch::Tensor steps2 = M > 8 ? make_steps(8, M) : steps;
-  const void* xs = steps.data_ptr();
-  const void* xs2 = steps2.data_ptr();
   const float* c = code.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, N, std::max<int64_t>(16, 65536 / K), [&](int64_t n0, int64_t n1) {
+  if (!has_avx512()) {  // the scalar path reads the even and odd columns apart, [M, K/2] each
+    const torch::Tensor x_even = x.view({M, K / 2, 2}).select(2, 0).contiguous();
+    const torch::Tensor x_odd = x.view({M, K / 2, 2}).select(2, 1).contiguous();
+    const float* xe = x_even.data_ptr<float>();
+    const float* xo = x_odd.data_ptr<float>();
+    float* o = out.data_ptr<float>();
+    at::parallel_for(0, N, std::max<int64_t>(16, 65536 / K),
+                     [&](int64_t n0, int64_t n1) { matmul_nt_scalar(xe, xo, M, w, c, o, n0, n1); });
+    return out;
+  }
 #ifdef FOURBIT_X86
-    if (bf16) {
-#define CALL_NT(MM) nt_range<MM, true>(xs, xs2, w, c, o, n0, n1)
+  // the vector paths read x step by step (see nt_f32_rows), rows 0-7 and 8-15 apart (see nt_range); plain loops into
+  // reused buffers, since a handful of torch ops here cost more than a small layer's product
+  thread_local std::vector<uint16_t> bf16_steps[2];
+  thread_local std::vector<float> f32_steps[2];
+  const int64_t g1 = std::min<int64_t>(M, 8);
+  const void* xs;
+  const void* xs2;
+  if (bf16) {
+    const uint16_t* px = reinterpret_cast<const uint16_t*>(x.data_ptr());
+    xs = x_in_steps(px, 0, g1, K, 64, bf16_steps[0]);
+    xs2 = M > 8 ? x_in_steps(px, 8, M, K, 64, bf16_steps[1]) : xs;
+  } else {
+    const float* px = x.data_ptr<float>();
+    xs = x_in_steps(px, 0, g1, K, 32, f32_steps[0]);
+    xs2 = M > 8 ? x_in_steps(px, 8, M, K, 32, f32_steps[1]) : xs;
+  }
+  auto run = [&](auto* o) {
+    using OutT = std::remove_pointer_t<decltype(o)>;
+    at::parallel_for(0, N, std::max<int64_t>(16, 65536 / K), [&](int64_t n0, int64_t n1) {
+      if (bf16) {
+#define CALL_NT(MM) nt_range<MM, true, OutT>(xs, xs2, w, c, o, n0, n1)
+        FOURBIT_SWITCH_M(M, CALL_NT)
+#undef CALL_NT
+        return;
+      }
+#define CALL_NT(MM) nt_range<MM, false, OutT>(xs, xs2, w, c, o, n0, n1)
       FOURBIT_SWITCH_M(M, CALL_NT)
 #undef CALL_NT
-      return;
-    }
-    if (has_avx512()) {
-#define CALL_NT(MM) nt_range<MM, false>(xs, xs2, w, c, o, n0, n1)
-      FOURBIT_SWITCH_M(M, CALL_NT)
-#undef CALL_NT
-      return;
-    }
+    });
+  };
+  if (bf16_out)
+    run(out.data_ptr<at::BFloat16>());
+  else
+    run(out.data_ptr<float>());
 #endif
-    matmul_nt_scalar(xe, xo, M, w, c, o, n0, n1);
-  });
   return out;
 }
 
