@@ -213,7 +213,7 @@ def _cli(*args, **kw):
 
 
 def test_sigkill_then_resume_gives_the_same_adapter(tiny_llama, data_file, tmp_path):
-    args = ["train", "--model", str(tiny_llama), "--data", str(data_file), "--max-steps", "12", "--batch-size", "4",
+    args = ["train", "--model", str(tiny_llama), "--data", str(data_file), "--max-steps", "24", "--batch-size", "4",
             "--max-length", "64", "--lr", "5e-3", "--rank", "4", "--alpha", "8", "--dropout", "0.1",
             "--save-every", "2", "--keep", "2", "--seed", "5"]  # fmt: skip
     subprocess.run(_cli(*args, "--out", str(tmp_path / "whole")), check=True, capture_output=True, timeout=600)

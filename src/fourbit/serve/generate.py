@@ -1,7 +1,8 @@
 """Text generation with a (4-bit) model: one prompt streamed, or a file of records answered in batches.
 
-Both go through `decode`, a lean loop around the model's forward: a KV cache, only the last position through the
-output head, the next token picked directly (argmax for greedy; temperature and top-p for sampling, applied exactly as
+Both go through `decode`, a lean loop around the model's forward (for Llama-family decoders, around
+`llama_step.LlamaStepper`, the same computation without transformers' per-step machinery): a KV cache, only the last
+position through the output head, the next token picked directly (argmax for greedy; temperature and top-p for sampling, applied exactly as
 transformers' warpers do, so seeded samples match `model.generate`'s). At batch 1 on a CPU the per-token cost of
 transformers' `generate` machinery (input preparation, logits processors, stopping criteria) is a large share of a
 small model's step; the tokens are the same.
@@ -17,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from fourbit.data.records import Record, record_kind
+from fourbit.serve import llama_step
 
 
 def prompt_text(tokenizer, rec: dict, where: str = "prompt", chat: bool = True) -> tuple[str, str | None]:
@@ -138,13 +140,20 @@ def decode(
                        dtype=torch.long, device=device)  # fmt: skip
     if eos.numel() and pad_token_id is None:
         pad_token_id = int(eos[0])
-    cache = {_cache_argument(model) or "past_key_values": DynamicCache(config=model.config)}
+    stepper = None
+    if llama_step.supports(model, input_ids.shape[1] + max_new_tokens):
+        stepper = llama_step.LlamaStepper(model, batch, input_ids.shape[1] + max_new_tokens)
+    else:
+        cache = {_cache_argument(model) or "past_key_values": DynamicCache(config=model.config)}
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     tokens: list[torch.Tensor] = []
     step_ids = input_ids
     for step in range(max_new_tokens):
-        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, **cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]  # fmt: skip
+        if stepper is not None:
+            logits = stepper.step(step_ids, positions, mask)
+        else:
+            logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, **cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1]  # fmt: skip
         if temperature > 0 or (step < min_new_tokens and eos.numel()):
             logits = logits.float()  # generate's processors work on fp32 scores
             if step < min_new_tokens and eos.numel():
@@ -156,7 +165,8 @@ def decode(
                 logits = _top_p(logits, top_p)
             nxt = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1).squeeze(1)
         else:
-            nxt = logits.argmax(dim=-1)  # the same index in the compute dtype as in fp32
+            # fp32 holds the compute dtype's values exactly, so the same index; torch's bf16 argmax is ~10x slower
+            nxt = logits.float().argmax(dim=-1)
         if eos.numel():
             if pad_token_id is not None:
                 nxt = torch.where(unfinished, nxt, pad_token_id)
