@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -237,3 +238,28 @@ def test_models_decode_cannot_reproduce_go_through_generate(tiny_llama):
         out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert generate_text(model, tokenizer, "hello", max_new_tokens=10) == tokenizer.decode(
         out[0, ids.shape[1] :], skip_special_tokens=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type, lean", [("llama", True), ("qwen2", True), ("mistral", True), ("gemma", False)])
+def test_lean_step_equals_generate_for_each_decoder(tmp_path, model_type, lean):
+    """The Llama-family step (qwen2: biased q/k/v; mistral) gives generate's tokens for a left-padded batch; other
+    decoders are not taken by it and still decode right through the model's forward."""
+    from fourbit.serve import llama_step
+    from tiny_models import save_tiny_model
+
+    model, tokenizer = fourbit.load(save_tiny_model(tmp_path / model_type, model_type), progress=False)
+    assert llama_step.supports(model, 64) is lean
+    ours, theirs = _both(model, tokenizer, _batch(tokenizer, PROMPTS), tokenizer.eos_token_id, max_new_tokens=10)
+    assert torch.equal(ours, theirs)
+
+
+def test_lean_step_cache_holds_what_it_was_sized_for(tiny_llama):
+    from fourbit.serve.llama_step import LlamaStepper
+
+    model, _ = fourbit.load(tiny_llama, progress=False)
+    stepper = LlamaStepper(model, batch=1, max_length=4)
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        stepper.step(ids, torch.arange(3)[None], None)
+        with pytest.raises(ValueError, match="holds 4 positions"):
+            stepper.step(ids[:, :2], torch.tensor([[3, 4]]), None)
