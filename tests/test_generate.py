@@ -244,8 +244,9 @@ def test_models_decode_cannot_reproduce_go_through_generate(tiny_llama):
 def test_lean_step_equals_generate_for_each_decoder(tmp_path, model_type, lean):
     """The Llama-family step (qwen2: biased q/k/v; mistral) gives generate's tokens for a left-padded batch; other
     decoders are not taken by it and still decode right through the model's forward."""
-    from fourbit.serve import llama_step
     from tiny_models import save_tiny_model
+
+    from fourbit.serve import llama_step
 
     model, tokenizer = fourbit.load(save_tiny_model(tmp_path / model_type, model_type), progress=False)
     assert llama_step.supports(model, 64) is lean

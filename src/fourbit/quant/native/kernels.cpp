@@ -889,19 +889,6 @@ void nn_range(const void* g, const Weights& w, const float* code, float* oe, flo
 // ---------------------------------------------------------------------------------------------------------------
 // entry points
 
-// A fresh output of tens of MB costs more in page faults (one per 4 KiB page) than the decode itself; asking for
-// transparent huge pages before the first write cuts the faults 512-fold where the kernel allows it.
-void advise_huge_pages(const torch::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const size_t bytes = t.numel() * t.element_size();
-  if (bytes < (4u << 20)) return;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t huge = 2u << 20;
-  const uintptr_t first = (begin + huge - 1) & ~(huge - 1), last = (begin + bytes) & ~(huge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-}
-
 std::vector<torch::Tensor> quantize(torch::Tensor x, int64_t blocksize, torch::Tensor midpoints, torch::Tensor order) {
   TORCH_CHECK(x.device().is_cpu(), "native kernels run on the CPU");
   x = x.contiguous();
@@ -938,8 +925,9 @@ torch::Tensor dequantize(torch::Tensor packed, torch::Tensor absmax, c10::option
                 "dequantize: out buffer too small, strided or of the wrong dtype");
     out = out_buf->view(-1).narrow(0, 0, end - start);
   } else {
+    // no transparent huge pages asked for: faster when the kernel has free ones, but 20x slower when it must compact
+    // memory for them (defrag=madvise, as here); a reused `out_buf` avoids the faults altogether
     out = torch::empty({end - start}, packed.options().dtype(dtype));
-    advise_huge_pages(out);
   }
   const uint8_t* p = packed.data_ptr<uint8_t>();
   const float* c = code.data_ptr<float>();
