@@ -71,19 +71,22 @@ class LlamaStepper:
         self.length = 0  # positions already in the cache
 
     def _mask(self, key_mask: torch.Tensor | None, steps: int) -> torch.Tensor | None:
-        """Boolean [batch, 1, steps, length + steps]: causal, padding keys hidden (each query still sees itself, so
-        a padding row's attention stays finite). None when nothing is hidden."""
+        """Additive [batch, 1, steps, length + steps] in the cache's dtype (0 where a query sees a key, -inf where
+        not): causal, padding keys hidden (each query still sees itself, so a padding row's attention stays finite).
+        None when nothing is hidden. Made once per step, since sdpa would convert a boolean mask again in every layer
+        (measured alone, 8 rows: 160 us per call with a boolean mask, 90 with this one)."""
         total = self.length + steps
         if key_mask is None and steps == 1:
             return None
         device = self.keys[0].device
         query = torch.arange(self.length, total, device=device)[:, None]
         allowed = torch.arange(total, device=device)[None, :] <= query  # [steps, total]
-        if key_mask is None:
-            return allowed[None, None]
-        allowed = allowed[None] & key_mask[:, None, :total].bool()
-        allowed |= torch.arange(total, device=device)[None, None, :] == query[None]
-        return allowed[:, None]
+        if key_mask is not None:
+            allowed = allowed[None] & key_mask[:, None, :total].bool()
+            allowed |= torch.arange(total, device=device)[None, None, :] == query[None]
+        additive = torch.zeros(allowed.shape, dtype=self.keys[0].dtype, device=device)
+        additive.masked_fill_(~allowed, float("-inf"))
+        return additive[None, None] if key_mask is None else additive[:, None]
 
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         """Logits [batch, vocab] of the last position after feeding `input_ids` [batch, steps] at `position_ids`;
