@@ -221,8 +221,11 @@ def test_sigkill_then_resume_gives_the_same_adapter(tiny_llama, data_file, tmp_p
                             stderr=subprocess.DEVNULL)  # fmt: skip
     ckpts = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 300
-    while time.time() < deadline and not (ckpts.exists() and any(p.name == "step-000006" for p in ckpts.iterdir())):
-        time.sleep(0.05)
+    def saved_step() -> int:  # the newest complete checkpoint (--keep 2 deletes older ones as the run goes on)
+        return max((int(p.name[5:]) for p in ckpts.iterdir() if p.name.startswith("step-")), default=0)
+
+    while time.time() < deadline and not (ckpts.exists() and saved_step() >= 6):
+        time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "adapter_model.safetensors").exists(), "killed too late to prove anything"
