@@ -19,10 +19,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define FOURBIT_X86 1
