@@ -167,3 +167,33 @@ def test_non_finite_named():
     w[2, 10] = float("nan")
     with use_kernels("native"), pytest.raises(ValueError, match="flat index 138"):
         fourbit.quantize_4bit(w)
+
+
+def test_pooled_allocator_reuses_freed_large_tensors():
+    big = 1 << 20  # 4 MiB of fp32: pooled; 256 floats: left to c10's allocator
+    assert native.pool_stats()["installed"] == 0
+    with native.pooled_allocator(16 << 20) as pooled:
+        assert pooled and native.pool_stats()["installed"] == 1
+        with native.pooled_allocator(1 << 20) as inner:  # nested: the outer pool stays in force
+            assert inner
+        assert native.pool_stats()["installed"] == 1
+        a = torch.full((big,), 3.0)
+        ptr, before = a.data_ptr(), native.pool_stats()
+        assert before["live"] >= a.nbytes
+        del a
+        assert native.pool_stats()["cached"] >= big * 4
+        b = torch.empty(big - 100)  # same size class: the freed mapping comes back, no new one
+        assert b.data_ptr() == ptr and native.pool_stats()["hits"] == before["hits"] + 1
+        live = native.pool_stats()["live"]
+        small = torch.ones(256)
+        assert native.pool_stats()["live"] == live
+        x, w = torch.randn(64, 4096), torch.randn(4096, 512)
+        inside = x @ w
+        too_big = torch.empty(8 << 20)  # 32 MiB > the cap: unmapped when freed, not cached
+        del too_big
+        assert native.pool_stats()["cached"] <= 16 << 20
+        kept = torch.arange(big, dtype=torch.float32)  # outlives the block
+    assert native.pool_stats()["installed"] == 0 and native.pool_stats()["cached"] == 0
+    assert torch.equal(inside, x @ w) and float(small.sum()) == 256 and float(kept[-1]) == big - 1
+    del b, kept  # freed through the pool after it was uninstalled: unmapped, not cached
+    assert native.pool_stats()["cached"] == 0

@@ -13,11 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 import fourbit
-from fourbit.data.batching import as_row, collate, pack
+from fourbit.data.batching import PAD_TO_MULTIPLE, as_row, collate, pack
 from fourbit.data.dataset import load_dataset
 from fourbit.data.records import Record, RecordError, read_records
 from fourbit.data.tokenize import IGNORE, encode_record
 from fourbit.models.adapters import add_adapter
+from fourbit.quant import native
 from fourbit.train.config import TrainConfig, load_yaml, resolve_config
 from fourbit.train.loss import LossModule, loss_sum
 from fourbit.train.paged_adamw import PagedAdamW
@@ -132,6 +133,11 @@ def test_packed_loss_equals_unpacked(tiny_llama, tokenizer, data_file):
         s_unpacked, n_unpacked = loss_sum(model, unpacked)
     assert n_packed == n_unpacked
     torch.testing.assert_close(s_packed, s_unpacked, rtol=1e-5, atol=1e-5)
+    assert packed["input_ids"].shape[1] % PAD_TO_MULTIPLE == 0 and unpacked["input_ids"].shape[1] % PAD_TO_MULTIPLE == 0
+    with torch.no_grad():  # chunks of 7 (the last one padded with ignored targets) sum to the same loss
+        s_chunked, n_chunked = loss_sum(model, packed, chunk_tokens=7)
+    assert n_chunked == n_packed and n_packed % 7
+    torch.testing.assert_close(s_chunked, s_packed, rtol=1e-5, atol=1e-5)
 
 
 def test_gradients_do_not_depend_on_micro_batching(tiny_llama, tokenizer, data_file):
@@ -196,6 +202,7 @@ def losses(out):
 def test_same_run_twice_gives_the_same_losses(tiny_llama, data_file, tmp_path):
     train(config(tiny_llama, data_file, tmp_path / "a"), progress=False)
     train(config(tiny_llama, data_file, tmp_path / "b"), progress=False)
+    assert native.pool_stats()["installed"] == 0  # the trainer's allocator pool is gone with the run
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     assert losses(tmp_path / "a")[-1] < losses(tmp_path / "a")[0]  # it learns
     a = load_file(tmp_path / "a" / "adapter_model.safetensors")

@@ -30,6 +30,7 @@ from fourbit.data.tokenize import IGNORE
 from fourbit.models.adapters import add_adapter, save_adapter
 from fourbit.models.loader import load
 from fourbit.nn import qlora_layers
+from fourbit.quant import native
 from fourbit.train import checkpoints
 from fourbit.train.config import TrainConfig, describe
 from fourbit.train.loss import LossModule
@@ -186,7 +187,18 @@ def show_masked(tokenizer, data: Dataset, n: int) -> str:
     return "\n".join(out)
 
 
+# Freed large tensors the allocator pool keeps for reuse during training (see fourbit.quant.native.pooled_allocator).
+POOL_CACHE_BYTES = 64 << 20
+
+
 def train(config: TrainConfig, progress: bool = True) -> RunResult | None:
+    """Fine-tune as `config` says; returns None for a dry run or --show-masked. Runs with fourbit's allocator pool
+    for large CPU tensors, which keeps glibc's heap from doubling the step's resident memory."""
+    with native.pooled_allocator(POOL_CACHE_BYTES):
+        return _train(config, progress)
+
+
+def _train(config: TrainConfig, progress: bool) -> RunResult | None:
     init_distributed()
     rank, world = _world()
     torch.manual_seed(config.seed)
@@ -231,6 +243,11 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult | None:
         optimizer = PagedAdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=False)
+    # Gradients live for the whole run, allocated once here and zeroed in place after each step: made afresh in
+    # backward, the 200 small gradient tensors would land among the step's activations and pin the freed heap
+    # around them (130 MB more resident on the bundled model).
+    for p in params:
+        p.grad = torch.zeros_like(p)
 
     # --- resume ---------------------------------------------------------------------------------------------------
     step, epoch, position = 0, 0, 0
@@ -275,10 +292,10 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult | None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_loss, n_loss = accumulate_gradients(loss_module, micro)
-        tokens_seen += sum(int(b["input_ids"].numel()) for b in micro)
+        tokens_seen += sum(len(r.input_ids) for r in mine)  # real tokens, not padding
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=False)
         release_freed_memory()
         step += 1
         position += global_batch

@@ -8,10 +8,12 @@ build fails, `available()` is False and fourbit runs its pure-torch kernels, whi
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ from fourbit.quant import torch_kernels
 from fourbit.quant.codes import code_table, dynamic_map, rounding_table
 from fourbit.quant.tensor import QuantizedTensor
 
-SOURCES = [Path(__file__).with_name("kernels.cpp"), Path(__file__).with_name("dropout.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("kernels.cpp", "dropout.cpp", "allocator.cpp")]
 # -fopenmp: at::parallel_for is OpenMP in torch's CPU wheels and runs serially in code compiled without it; the
 # library then needs libgomp.so.1, which resolves to the copy torch has already loaded (one runtime, one pool)
 CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
@@ -147,3 +149,29 @@ def hash_dropout(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype | None
     if not available():
         raise RuntimeError(f"native kernels unavailable: {build_error()}")
     return _module.hash_dropout(x, p, seed, dtype)
+
+
+@contextlib.contextmanager
+def pooled_allocator(cap_bytes: int = 64 << 20) -> Iterator[bool]:
+    """Inside the block, torch's CPU tensors of 128 KiB and more get their own mappings, and freed ones (up to
+    `cap_bytes` of them) are reused by the next request of their size class instead of going back to glibc's heap
+    (see allocator.cpp: on a training step that heap grows to about twice what is live). Yields whether the pool is
+    in use (False without the native kernels); on exit the previous allocator is back and the cache is unmapped.
+    Tensors made inside may outlive the block: they are freed through the pool whenever they go."""
+    if not available() or _module.pool_stats()[4]:  # no kernels, or a pool already in force (nested use)
+        yield bool(available() and _module.pool_stats()[4])
+        return
+    _module.pool_install(cap_bytes)
+    try:
+        yield True
+    finally:
+        _module.pool_uninstall()
+        _module.pool_release()
+
+
+def pool_stats() -> dict[str, int]:
+    """The pool's counters: bytes in live pooled tensors, bytes cached for reuse, reuses, fresh mappings, and
+    whether it is installed now."""
+    if not available():
+        return {"live": 0, "cached": 0, "hits": 0, "misses": 0, "installed": 0}
+    return dict(zip(("live", "cached", "hits", "misses", "installed"), _module.pool_stats(), strict=True))

@@ -1113,6 +1113,10 @@ std::string cpu_path() { return has_bf16() ? "avx512-bf16" : (has_avx512() ? "av
 
 // defined in dropout.cpp
 torch::Tensor hash_dropout(torch::Tensor x, double p, int64_t seed, c10::optional<at::ScalarType> dtype);
+void pool_install(int64_t cap_bytes);
+void pool_uninstall();
+void pool_release();
+std::vector<int64_t> pool_stats();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize", &quantize, "blockwise 4-bit quantization");
@@ -1123,4 +1127,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_ok", &dense_ok, "whether matmul_dense_nt runs here (AVX512_BF16)");
   m.def("matmul_dense_nt", &matmul_dense_nt, "x @ W.T for bf16 x with at most 16 rows and a dense bf16 W");
   m.def("hash_dropout", &hash_dropout, "dropout whose mask is a hash of (seed, index)");
+  m.def("pool_install", &pool_install, "route CPU allocations of 128 KiB and more through fourbit's pool");
+  m.def("pool_uninstall", &pool_uninstall, "back to c10's default CPU allocator");
+  m.def("pool_release", &pool_release, "unmap the pool's cached mappings");
+  m.def("pool_stats", &pool_stats, "[live bytes, cached bytes, hits, misses, installed]");
 }
