@@ -14,6 +14,7 @@
 #include <torch/extension.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
+#include <ATen/EmptyTensor.h>
 
 #include <sys/mman.h>
 
@@ -25,6 +26,7 @@
 namespace {
 
 constexpr size_t kMinPooled = 128 << 10;
+constexpr size_t kDefaultCap = 64 << 20;  // while not installed: what dequantize's outputs may keep cached
 
 size_t size_class(size_t n) {
   // round up to a multiple of max(64 KiB, 2^floor(log2 n) / 8): classes are coarse enough that the varying shapes
@@ -45,7 +47,7 @@ struct Pool {
   std::list<Cached> lru;                   // freed mappings kept for reuse, oldest first
   std::multimap<size_t, std::list<Cached>::iterator> by_size;
   size_t cached_bytes = 0;
-  size_t cap = 0;
+  size_t cap = kDefaultCap;
   int64_t hits = 0, misses = 0;
 };
 
@@ -72,6 +74,7 @@ class PooledCPUAllocator final : public c10::Allocator {
       auto it = pl.by_size.lower_bound(size);
       if (it != pl.by_size.end() && it->first <= size + size / 4) {
         size = it->first;
+        it = std::prev(pl.by_size.upper_bound(size));  // of equal sizes the last freed: its pages are warmest
         p = it->second->ptr;
         pl.lru.erase(it->second);
         pl.by_size.erase(it);
@@ -147,7 +150,7 @@ PooledCPUAllocator& pooled_allocator() {
 
 }  // namespace
 
-// Route torch's CPU allocations through the pool (cap: bytes of freed mappings kept for reuse). Tensors allocated
+// Route torch's CPU allocations through the pool (cap: bytes of freed mappings kept for reuse; 64 MB otherwise). Tensors allocated
 // before keep their own deleters, so switching at any time is safe. The priority outranks c10's default (0).
 static c10::Allocator* g_previous = nullptr;
 
@@ -164,9 +167,17 @@ void pool_install(int64_t cap_bytes) {
 void pool_uninstall() {
   {
     std::lock_guard<std::mutex> lock(pool().mu);
-    pool().cap = 0;  // pooled tensors freed from now on are unmapped, not cached
+    pool().cap = kDefaultCap;
   }
   c10::SetCPUAllocator(g_previous ? g_previous : c10::GetDefaultCPUAllocator(), /*priority=*/10);
+}
+
+// A fresh 1-D tensor from the pool whether or not it is installed: dequantize's outputs, so that decoding a weight
+// again (merging layer after layer, a benchmark's loop) reuses the pages of the last freed output instead of
+// faulting in new ones, which on a 32 MB output costs ten times the decode.
+torch::Tensor pool_empty(int64_t numel, at::ScalarType dtype) {
+  return at::detail::empty_generic({numel}, &pooled_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
+                                   std::nullopt);
 }
 
 // Unmap every cached mapping (the trainer calls this where it hands freed memory back to the OS).

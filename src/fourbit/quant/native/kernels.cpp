@@ -911,6 +911,8 @@ std::vector<torch::Tensor> quantize(torch::Tensor x, int64_t blocksize, torch::T
   return {packed, absmax, torch::tensor({bad.load()}, torch::kInt64)};
 }
 
+torch::Tensor pool_empty(int64_t numel, at::ScalarType dtype);
+
 torch::Tensor dequantize(torch::Tensor packed, torch::Tensor absmax, c10::optional<torch::Tensor> nested,
                          c10::optional<torch::Tensor> dynmap, double offset, torch::Tensor code, int64_t blocksize,
                          int64_t start, int64_t end, torch::ScalarType dtype, c10::optional<torch::Tensor> out_buf) {
@@ -921,9 +923,10 @@ torch::Tensor dequantize(torch::Tensor packed, torch::Tensor absmax, c10::option
                 "dequantize: out buffer too small, strided or of the wrong dtype");
     out = out_buf->view(-1).narrow(0, 0, end - start);
   } else {
-    // no transparent huge pages asked for: faster when the kernel has free ones, but 20x slower when it must compact
-    // memory for them (defrag=madvise, as here); a reused `out_buf` avoids the faults altogether
-    out = torch::empty({end - start}, packed.options().dtype(dtype));
+    // from fourbit's pool (allocator.cpp), which hands back the pages of a freed output of the same size class.
+    // No transparent huge pages asked for: faster when the kernel has free ones, but 20x slower when it must
+    // compact memory for them (defrag=madvise, as here).
+    out = pool_empty(end - start, dtype);
   }
   const uint8_t* p = packed.data_ptr<uint8_t>();
   const float* c = code.data_ptr<float>();
