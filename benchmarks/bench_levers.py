@@ -10,7 +10,9 @@ Levers (the baseline is fourbit as shipped):
   as many padded rows as those packed rows held examples);
 - activation checkpointing -> off (faster, more memory);
 - compute dtype bf16 -> fp32 (which one wins depends on the CPU; fourbit measures it);
-- returning freed memory to the OS after each step -> off.
+- returning freed memory to the OS after each step -> off;
+- the allocator pool for large tensors -> glibc's heap for everything;
+- batch widths rounded up to a multiple of 8 -> the longest row's width (a new shape for most batches).
 Time is the training loop (first to last step, the first step included); memory is the child's peak resident
 anonymous memory while training, sampled every 5 ms.
 """
@@ -36,6 +38,8 @@ LEVERS = {
     "no activation checkpointing": {"checkpointing": False},
     "fp32 compute instead of bf16": {"dtype": "float32"},
     "no memory trim after each step": {"trim": False},
+    "glibc heap instead of the allocator pool": {"pool": False},
+    "batch widths not rounded to a multiple of 8": {"pad_to": 1},
 }
 
 
@@ -54,7 +58,11 @@ def full_vocabulary_loss(model, batch, chunk_tokens: int = 0):
 
 
 def child(options: dict, steps: int) -> None:
+    import contextlib
+
+    import fourbit.data.batching
     import fourbit.nn.dropout
+    import fourbit.quant.native
     import fourbit.train.loss
     import fourbit.train.trainer
     from fourbit.train.config import TrainConfig
@@ -66,6 +74,10 @@ def child(options: dict, steps: int) -> None:
         fourbit.train.loss.loss_sum = full_vocabulary_loss
     if options.get("trim") is False:
         fourbit.train.trainer.release_freed_memory = lambda: None
+    if options.get("pool") is False:
+        fourbit.quant.native.pooled_allocator = lambda cap_bytes: contextlib.nullcontext(False)
+    if "pad_to" in options:
+        fourbit.data.batching.PAD_TO_MULTIPLE = options["pad_to"]
     packing = options.get("packing", True)
     # the demo's settings; unpacked, 4 packed rows' worth of examples per step (about 3.4 examples per row)
     config = TrainConfig(data=str(ROOT / "data/demo/train.jsonl"), out=f"/tmp/fourbit-levers-{os.getpid()}",

@@ -243,11 +243,6 @@ def _train(config: TrainConfig, progress: bool) -> RunResult | None:
         optimizer = PagedAdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=False)
-    # Gradients live for the whole run, allocated once here and zeroed in place after each step: made afresh in
-    # backward, the 200 small gradient tensors would land among the step's activations and pin the freed heap
-    # around them (130 MB more resident on the bundled model).
-    for p in params:
-        p.grad = torch.zeros_like(p)
 
     # --- resume ---------------------------------------------------------------------------------------------------
     step, epoch, position = 0, 0, 0
@@ -295,7 +290,7 @@ def _train(config: TrainConfig, progress: bool) -> RunResult | None:
         tokens_seen += sum(len(r.input_ids) for r in mine)  # real tokens, not padding
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
+        optimizer.zero_grad(set_to_none=True)
         release_freed_memory()
         step += 1
         position += global_batch
