@@ -67,9 +67,10 @@ def main() -> None:
     rows.append(("quantize 4096x4096 bf16, NF4 + double quant", ours, theirs, 10))
     q = fourbit.quantize_4bit(w)
     packed, state = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-    # fresh outputs, as both libraries' dequantize return them: on this VM the page faults of a fresh 32-64 MB tensor
-    # cost more than fourbit's decode (bitsandbytes' CPU backend has no `out=`); fourbit into a reused buffer, the
-    # way its own products decode tiles, is shown beside them
+    # a new tensor per call, as both libraries' dequantize return it. fourbit takes it from its allocator pool, which
+    # hands back the pages of the last freed output (the benchmark's previous call); bitsandbytes' is a fresh torch
+    # tensor whose 32-64 MB of pages are faulted in, which on this VM costs more than any decode. Shown beside: fourbit
+    # with fresh pages too (pool emptied before each call), and into a reused buffer (how its tiled products decode).
     ours = median_ms(lambda: q.dequantize(torch.bfloat16), repeat=15)
     theirs = median_ms(lambda: bnb_f.dequantize_4bit(packed, state), repeat=15)
     rows.append(("dequantize to bf16", ours, theirs, 2))
@@ -79,6 +80,8 @@ def main() -> None:
     out_bf16, out_f32 = torch.empty(N, K, dtype=torch.bfloat16), torch.empty(N, K)
     reused = {"bf16": median_ms(lambda: native.dequantize(q, torch.bfloat16, out=out_bf16), repeat=15),
               "fp32": median_ms(lambda: native.dequantize(q, torch.float32, out=out_f32), repeat=15)}
+    fresh = {"bf16": median_ms(lambda: (native.release_pool(), q.dequantize(torch.bfloat16)), repeat=15),
+             "fp32": median_ms(lambda: (native.release_pool(), q.dequantize(torch.float32)), repeat=15)}
 
     # the floor: reading the weight once at the measured bandwidth, or the multiply-adds at the rate of the faster
     # dense matmul dtype on this machine, whichever takes longer; the products run in that dtype too (fourbit's
@@ -111,7 +114,11 @@ def main() -> None:
              "| operation | fourbit ms | bitsandbytes ms | fourbit speed-up |", "|---|---|---|---|"]  # fmt: skip
     for metric, a, b, _ in rows:
         lines.append(f"| {metric} | {a:.2f} | {b:.2f} | {b / a:.1f}x |")
-    lines += ["", f"fourbit's dequantize into a reused output (no page faults; how its tiled products decode): "
+    lines += ["", "Dequantize returns a new tensor in both libraries. fourbit takes it from its allocator pool, which "
+              "hands back the pages of the last freed output (here the previous call's, as when merging or exporting "
+              "layer after layer); bitsandbytes' is a fresh torch tensor, whose pages are faulted in. fourbit with "
+              f"fresh pages too (pool emptied before each call): {fresh['bf16']:.2f} ms to bf16, "
+              f"{fresh['fp32']:.2f} ms to fp32; into a reused output (how its tiled products decode): "
               f"{reused['bf16']:.2f} ms to bf16, {reused['fp32']:.2f} ms to fp32."]
     lines += ["", f"Memory bandwidth measured: {gbs:.1f} GB/s (a sum over 256 MiB), so reading one 4096x4096 NF4 "
               f"weight (with its scales, {qs[0].nbytes / 1e6:.1f} MB) takes {qs[0].nbytes / gbs / 1e6:.3f} ms; "

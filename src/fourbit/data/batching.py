@@ -42,8 +42,9 @@ def pack(examples: list[Example], max_length: int) -> list[Row]:
     return rows
 
 
-# Batch widths are rounded up to a multiple of this: a few shapes instead of one per batch. Every new shape costs
-# the matmul library a kernel and memory it caches for good (3 MB a step on the bundled model, steadily).
+# Batch widths are rounded up to a multiple of this: a few shapes instead of one per batch. Every new shape left
+# memory cached for good in the libraries under torch (oneDNN's primitive cache among them): 3 MB a step on the
+# bundled model, steadily.
 PAD_TO_MULTIPLE = 8
 
 

@@ -38,7 +38,7 @@ def loss_sum(model, batch: dict[str, torch.Tensor], chunk_tokens: int = CHUNK_TO
     hidden, targets = hidden[:, :-1][keep], targets[keep]
     n_loss = int(targets.numel())
     # the last chunk is padded to full size (IGNORE targets add nothing to the sum), so every chunk has one shape:
-    # each new shape costs the matmul library a kernel and cached memory that is never given back
+    # each new shape leaves memory cached for good in the libraries under torch (see data/batching.py)
     pad = -n_loss % chunk_tokens
     if pad:
         hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[-1])])

@@ -175,3 +175,9 @@ def pool_stats() -> dict[str, int]:
     if not available():
         return {"live": 0, "cached": 0, "hits": 0, "misses": 0, "installed": 0}
     return dict(zip(("live", "cached", "hits", "misses", "installed"), _module.pool_stats(), strict=True))
+
+
+def release_pool() -> None:
+    """Unmap the pool's cached mappings (the next large allocations fault in fresh pages)."""
+    if available():
+        _module.pool_release()
