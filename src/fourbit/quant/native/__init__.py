@@ -156,12 +156,16 @@ def pooled_allocator(cap_bytes: int = 64 << 20) -> Iterator[bool]:
     """Inside the block, torch's CPU tensors of 128 KiB and more get their own mappings, and freed ones (up to
     `cap_bytes` of them) are reused by the next request of their size class instead of going back to glibc's heap
     (see allocator.cpp: on a training step that heap grows to about twice what is live). Yields whether the pool is
-    in use (False without the native kernels); on exit the previous allocator is back and the cache is unmapped.
-    Tensors made inside may outlive the block: they are freed through the pool whenever they go."""
+    in use: False without the native kernels, or when some other allocator than c10's default is in force. The
+    first use makes the pool torch's CPU allocator for the rest of the process; outside the block it only passes
+    requests on to c10's allocation, as the default does. On exit the cache is unmapped. Tensors made inside may
+    outlive the block: they are freed through the pool whenever they go."""
     if not available() or _module.pool_stats()[4]:  # no kernels, or a pool already in force (nested use)
         yield bool(available() and _module.pool_stats()[4])
         return
-    _module.pool_install(cap_bytes)
+    if not _module.pool_install(cap_bytes):
+        yield False
+        return
     try:
         yield True
     finally:

@@ -16,8 +16,10 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <ATen/EmptyTensor.h>
 
+#include <pthread.h>
 #include <sys/mman.h>
 
+#include <atomic>
 #include <list>
 #include <map>
 #include <mutex>
@@ -52,17 +54,27 @@ struct Pool {
 };
 
 Pool& pool() {
-  static Pool* p = new Pool();  // never destroyed: tensors may be freed during interpreter shutdown
+  static Pool* p = [] {
+    Pool* made = new Pool();  // never destroyed: tensors may be freed during interpreter shutdown
+    // a fork while another thread holds the lock would leave the child's lock held for good
+    pthread_atfork([] { pool().mu.lock(); }, [] { pool().mu.unlock(); }, [] { pool().mu.unlock(); });
+    return made;
+  }();
   return *p;
 }
 
 void pooled_free(void* ptr);
 
+// `always`: dequantize's outputs, pooled whether or not the pool is in force; otherwise torch's CPU allocator, which
+// pools only while `routing` is on (between pool_install and pool_uninstall).
 class PooledCPUAllocator final : public c10::Allocator {
  public:
+  explicit PooledCPUAllocator(bool always) : always_(always) {}
+  std::atomic<bool> routing{false};
+
   c10::DataPtr allocate(size_t n) override {
-    if (n < kMinPooled) {
-      void* p = c10::alloc_cpu(n);
+    if (n < kMinPooled || !(always_ || routing.load(std::memory_order_relaxed))) {
+      void* p = c10::alloc_cpu(n);  // freed by free_cpu directly; raw_deleter's pooled_free also takes it
       return {p, p, &c10::free_cpu, c10::Device(c10::DeviceType::CPU)};
     }
     size_t size = size_class(n);
@@ -100,6 +112,9 @@ class PooledCPUAllocator final : public c10::Allocator {
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }
+
+ private:
+  const bool always_;
 };
 
 // Drop the oldest cached mapping from the index (the caller unmaps it outside the lock).
@@ -143,44 +158,52 @@ void pooled_free(void* ptr) {
   for (auto& c : drop) munmap(c.ptr, c.size);
 }
 
-PooledCPUAllocator& pooled_allocator() {
-  static PooledCPUAllocator* a = new PooledCPUAllocator();
+PooledCPUAllocator& cpu_allocator() {
+  static PooledCPUAllocator* a = new PooledCPUAllocator(/*always=*/false);
+  return *a;
+}
+
+PooledCPUAllocator& dequantize_allocator() {
+  static PooledCPUAllocator* a = new PooledCPUAllocator(/*always=*/true);
   return *a;
 }
 
 }  // namespace
 
-// Route torch's CPU allocations through the pool (cap: bytes of freed mappings kept for reuse; 64 MB otherwise). Tensors allocated
-// before keep their own deleters, so switching at any time is safe. The priority outranks c10's default (0).
-static c10::Allocator* g_previous = nullptr;
-
-void pool_install(int64_t cap_bytes) {
+// Route torch's CPU allocations of kMinPooled bytes and more through the pool (cap: bytes of freed mappings kept
+// for reuse). Returns false, doing nothing, when another allocator than c10's default is in force. The first call
+// installs the pool as torch's CPU allocator for good: ideep (oneDNN) frees its buffers through whichever allocator
+// is current when it frees them, so swapping c10's default back would hand it pool mappings to free(). Between
+// calls of pool_install and pool_uninstall it pools; otherwise it passes every request to c10::alloc_cpu, as
+// c10's default does (without the profiler's memory reports).
+bool pool_install(int64_t cap_bytes) {
+  c10::Allocator* current = c10::GetCPUAllocator();
+  if (current != &cpu_allocator() && current != c10::GetDefaultCPUAllocator()) return false;
   {
     std::lock_guard<std::mutex> lock(pool().mu);
     pool().cap = static_cast<size_t>(std::max<int64_t>(cap_bytes, 0));
   }
-  if (c10::GetCPUAllocator() != &pooled_allocator()) g_previous = c10::GetCPUAllocator();
-  c10::SetCPUAllocator(&pooled_allocator(), /*priority=*/10);
+  cpu_allocator().routing = true;
+  if (current != &cpu_allocator()) c10::SetCPUAllocator(&cpu_allocator(), /*priority=*/10);
+  return true;
 }
 
-// Back to the allocator in force before pool_install; pooled tensors still alive are freed through the pool later.
+// Stop pooling new allocations; pooled tensors still alive are freed through the pool later.
 void pool_uninstall() {
-  {
-    std::lock_guard<std::mutex> lock(pool().mu);
-    pool().cap = kDefaultCap;
-  }
-  c10::SetCPUAllocator(g_previous ? g_previous : c10::GetDefaultCPUAllocator(), /*priority=*/10);
+  cpu_allocator().routing = false;
+  std::lock_guard<std::mutex> lock(pool().mu);
+  pool().cap = kDefaultCap;
 }
 
-// A fresh 1-D tensor from the pool whether or not it is installed: dequantize's outputs, so that decoding a weight
+// A fresh 1-D tensor from the pool whether or not it is in force: dequantize's outputs, so that decoding a weight
 // again (merging layer after layer, a benchmark's loop) reuses the pages of the last freed output instead of
 // faulting in new ones, which on a 32 MB output costs ten times the decode.
 torch::Tensor pool_empty(int64_t numel, at::ScalarType dtype) {
-  return at::detail::empty_generic({numel}, &pooled_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
-                                   std::nullopt);
+  return at::detail::empty_generic({numel}, &dequantize_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   dtype, std::nullopt);
 }
 
-// Unmap every cached mapping (the trainer calls this where it hands freed memory back to the OS).
+// Unmap every cached mapping.
 void pool_release() {
   std::list<Cached> drop;
   {
@@ -192,12 +215,11 @@ void pool_release() {
   for (auto& c : drop) munmap(c.ptr, c.size);
 }
 
-// {live bytes, cached bytes, hits, misses, installed}
+// {live bytes, cached bytes, hits, misses, pooling torch's allocations now}
 std::vector<int64_t> pool_stats() {
   Pool& pl = pool();
   std::lock_guard<std::mutex> lock(pl.mu);
   int64_t live = 0;
   for (auto& kv : pl.live) live += static_cast<int64_t>(kv.second);
-  return {live, static_cast<int64_t>(pl.cached_bytes), pl.hits, pl.misses,
-          c10::GetCPUAllocator() == &pooled_allocator() ? 1 : 0};
+  return {live, static_cast<int64_t>(pl.cached_bytes), pl.hits, pl.misses, cpu_allocator().routing ? 1 : 0};
 }

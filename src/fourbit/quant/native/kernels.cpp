@@ -1121,7 +1121,7 @@ std::string cpu_path() { return has_bf16() ? "avx512-bf16" : (has_avx512() ? "av
 
 // defined in dropout.cpp
 torch::Tensor hash_dropout(torch::Tensor x, double p, int64_t seed, c10::optional<at::ScalarType> dtype);
-void pool_install(int64_t cap_bytes);
+bool pool_install(int64_t cap_bytes);
 void pool_uninstall();
 void pool_release();
 std::vector<int64_t> pool_stats();
