@@ -160,8 +160,11 @@ def pooled_allocator(cap_bytes: int = 64 << 20) -> Iterator[bool]:
     first use makes the pool torch's CPU allocator for the rest of the process; outside the block it only passes
     requests on to c10's allocation, as the default does. On exit the cache is unmapped. Tensors made inside may
     outlive the block: they are freed through the pool whenever they go."""
-    if not available() or _module.pool_stats()[4]:  # no kernels, or a pool already in force (nested use)
-        yield bool(available() and _module.pool_stats()[4])
+    if not available():
+        yield False
+        return
+    if _module.pool_stats()[4]:  # a pool already in force (nested use): it stays as it is
+        yield True
         return
     if not _module.pool_install(cap_bytes):
         yield False
