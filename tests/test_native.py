@@ -95,13 +95,15 @@ def test_products_any_blocksize(blocksize, quant_type, act_dtype, n):
     _check_products(q, n, k, act_dtype, [1, 2, 3, 5, 8, 9, 16])
 
 
-def test_products_long_rows_many_outputs():
-    """K large enough that x is walked in slices and N spanning several row tiles and both threads' ranges."""
-    torch.manual_seed(1)
-    n, k = 200, 2304
+@pytest.mark.parametrize("n", [200, 600])
+def test_products_long_rows_many_outputs(n):
+    """K large enough that x is walked in slices and N spanning several row tiles (g @ W takes 256 rows at a time
+    from 5 rows of g up) and both threads' ranges."""
+    torch.manual_seed(n)
+    k = 2304
     q = fourbit.quantize_4bit(torch.randn(n, k), "nf4", 64, True)
     for act_dtype in (torch.float32, torch.bfloat16):
-        _check_products(q, n, k, act_dtype, [1, 7, 16])
+        _check_products(q, n, k, act_dtype, [1, 2, 4, 7, 9, 16])
 
 
 def test_bf16_product_is_dequantize_then_bf16_matmul():
