@@ -474,13 +474,26 @@ AVX512BF16 inline __m512i bf16_table(__m512 code, float scale) {
   return (__m512i)_mm512_cvtne2ps_pbh(v, v);
 }
 
-// The rows a group of R reads next (the next group's) are fetched one group ahead, a cache line of each as this
-// group's walk reaches the same offset: rows are only K/2 bytes, too short for the hardware prefetcher to run ahead,
-// and without it a small-batch product waits on memory instead of overlapping it with the decode (measured: 1.6x
-// slower at M=1, 4096x4096, where it now takes what reading the weight alone takes).
+// What a walk over rows fetches ahead (rows are only K/2 bytes, too short for the hardware prefetcher to run ahead:
+// without help a small-batch product waits on memory instead of overlapping it with the decode).
+// - rows_ahead (one row of x): the rows the next group of R reads, a cache line of each as this group's walk
+//   reaches the same offset, into L1 (measured at M=1, 4096x4096: 1.6x faster, where it now takes what reading the
+//   weight takes).
+// - pf (several rows of x, which decode each weight for more multiply-adds, so the walk is slower): the next
+//   tile of rows, read in order into L2, `lines` cache lines per step from pf (M=8: 0.56 -> 0.50 ms).
+// - neither for the second group of rows of x over the same tile (pf == nullptr, rows_ahead false).
 template <int R>
-AVX512 __attribute__((always_inline)) inline void prefetch_next_rows(const Weights& w, int64_t row, int64_t c) {
-  if ((c & 127) == 0 && row + R < w.N) _mm_prefetch(reinterpret_cast<const char*>(w.row(row + R) + c / 2), _MM_HINT_T0);
+AVX512 __attribute__((always_inline)) inline void prefetch_ahead(const Weights& w, int64_t n, int64_t c,
+                                                                 const uint8_t* pf, int64_t step, bool rows_ahead) {
+  if (rows_ahead) {
+    for (int r = 0; r < R; ++r)
+      if ((c & 127) == 0 && n + r + R < w.N)
+        _mm_prefetch(reinterpret_cast<const char*>(w.row(n + r + R) + c / 2), _MM_HINT_T0);
+    return;
+  }
+  if (pf == nullptr) return;
+  constexpr int lines = (R + 1) / 2;  // a tile's lines per step of R rows and 64 columns: R/2
+  for (int i = 0; i < lines; ++i) _mm_prefetch(reinterpret_cast<const char*>(pf + (step * lines + i) * 64), _MM_HINT_T1);
 }
 
 // x @ W^T, rows n .. n+R of W over columns [k0, k1). x comes in steps: for each step of 32 (fp32) or 64 (bf16) columns,
@@ -493,7 +506,6 @@ template <int R>
 AVX512 __attribute__((always_inline)) inline void nt_f32_decode(const Weights& w, __m512 table, int64_t n, int64_t c,
                                                                 __m512* tab, __m512* even, __m512* odd) {
   for (int r = 0; r < R; ++r) {
-    prefetch_next_rows<R>(w, n + r, c);
     if (w.block_starts(n + r, c)) tab[r] = f32_table(table, w.scale_at(n + r, c));
     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.row(n + r) + c / 2)));
     even[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tab[r]);
@@ -505,7 +517,7 @@ AVX512 __attribute__((always_inline)) inline void nt_f32_decode(const Weights& w
 // loads and shuffles that would otherwise wait behind a step's worth of queued multiply-adds (about 2x slower).
 template <int M, int R>
 AVX512 void nt_f32_rows(const void* x_steps, const Weights& w, const float* code, int64_t n, int64_t k0, int64_t k1,
-                        float* acc_io) {
+                        float* acc_io, const uint8_t* pf, bool rows_ahead) {
   const __m512 table = _mm512_loadu_ps(code);
   __m512 acc[R][M], tab[R], even[R], odd[R];
   for (int r = 0; r < R; ++r) {
@@ -515,7 +527,10 @@ AVX512 void nt_f32_rows(const void* x_steps, const Weights& w, const float* code
   nt_f32_decode<R>(w, table, n, k0, tab, even, odd);
   for (int64_t c = k0; c < k1; c += 32) {
     __m512 next_even[R], next_odd[R];
-    if (c + 32 < k1) nt_f32_decode<R>(w, table, n, c + 32, tab, next_even, next_odd);
+    if (c + 32 < k1) {
+      prefetch_ahead<R>(w, n, c + 32, pf, (c - k0) / 32, rows_ahead);
+      nt_f32_decode<R>(w, table, n, c + 32, tab, next_even, next_odd);
+    }
     const float* x = static_cast<const float*>(x_steps) + c * M;  // this step's M rows: 16 even, 16 odd columns
     for (int m = 0; m < M; ++m) {
       const __m512 a = _mm512_loadu_ps(x + 32 * m), b = _mm512_loadu_ps(x + 32 * m + 16);
@@ -539,7 +554,6 @@ AVX512BF16 __attribute__((always_inline)) inline void nt_bf16_decode(const Weigh
                                                                      int64_t c, __m512i* tab, __m512bh* even,
                                                                      __m512bh* odd) {
   for (int r = 0; r < R; ++r) {
-    prefetch_next_rows<R>(w, n + r, c);
     if (w.block_starts(n + r, c)) tab[r] = bf16_table(table, w.scale_at(n + r, c));
     const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.row(n + r) + c / 2)));
     even[r] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tab[r]);
@@ -549,7 +563,7 @@ AVX512BF16 __attribute__((always_inline)) inline void nt_bf16_decode(const Weigh
 
 template <int M, int R>
 AVX512BF16 void nt_bf16_rows(const void* x_steps, const Weights& w, const float* code, int64_t n, int64_t k0,
-                             int64_t k1, float* acc_io) {
+                             int64_t k1, float* acc_io, const uint8_t* pf, bool rows_ahead) {
   const __m512 table = _mm512_loadu_ps(code);
   __m512 acc[R][M];
   __m512i tab[R];
@@ -561,7 +575,10 @@ AVX512BF16 void nt_bf16_rows(const void* x_steps, const Weights& w, const float*
   nt_bf16_decode<R>(w, table, n, k0, tab, even, odd);
   for (int64_t c = k0; c < k1; c += 64) {
     __m512bh next_even[R], next_odd[R];
-    if (c + 64 < k1) nt_bf16_decode<R>(w, table, n, c + 64, tab, next_even, next_odd);
+    if (c + 64 < k1) {
+      prefetch_ahead<R>(w, n, c + 64, pf, (c - k0) / 64, rows_ahead);
+      nt_bf16_decode<R>(w, table, n, c + 64, tab, next_even, next_odd);
+    }
     const uint16_t* x = static_cast<const uint16_t*>(x_steps) + c * M;  // 32 even, then 32 odd columns per row
     for (int m = 0; m < M; ++m) {
       const __m512bh a = (__m512bh)_mm512_loadu_si512(x + 64 * m);
@@ -583,16 +600,25 @@ AVX512BF16 void nt_bf16_rows(const void* x_steps, const Weights& w, const float*
 // rows of W decoded together: R*M accumulators, 2R decoded vectors and R tables must fit the 32 vector registers
 constexpr int nt_rows_per_step(int M) { return M <= 2 ? 4 : (M <= 4 ? 3 : 2); }
 
-// one group of at most 8 rows of x over rows [t0, t0 + count) of W and columns [k0, k1)
+// one group of at most 8 rows of x over rows [t0, t0 + count) of W and columns [k0, k1); `pf` walks the next tile
+// (see prefetch_ahead), advanced past what this call fetched
 template <int G, bool BF16>
 void nt_group(const void* x_steps, const Weights& w, const float* code, int64_t t0, int64_t count, int64_t k0,
-              int64_t k1, float* acc) {
+              int64_t k1, float* acc, const uint8_t*& pf, bool rows_ahead) {
   constexpr int R = nt_rows_per_step(G);
+  constexpr int64_t STEP = BF16 ? 64 : 32;
   auto* const rows = BF16 ? nt_bf16_rows<G, R> : nt_f32_rows<G, R>;
   auto* const one = BF16 ? nt_bf16_rows<G, 1> : nt_f32_rows<G, 1>;
+  const int64_t steps = (k1 - k0) / STEP;
   int64_t r = 0;
-  for (; r + R <= count; r += R) rows(x_steps, w, code, t0 + r, k0, k1, acc + r * G * 16);
-  for (; r < count; ++r) one(x_steps, w, code, t0 + r, k0, k1, acc + r * G * 16);
+  for (; r + R <= count; r += R) {
+    rows(x_steps, w, code, t0 + r, k0, k1, acc + r * G * 16, pf, rows_ahead);
+    if (pf) pf += steps * ((R + 1) / 2) * 64;
+  }
+  for (; r < count; ++r) {
+    one(x_steps, w, code, t0 + r, k0, k1, acc + r * G * 16, pf, rows_ahead);
+    if (pf) pf += steps * 64;
+  }
 }
 
 // x @ W^T for output columns [n0, n1): tiles of T rows of W, walked in K slices of x small enough for L1. More than 8
@@ -600,11 +626,12 @@ void nt_group(const void* x_steps, const Weights& w, const float* code, int64_t 
 // then decoded twice, but x is loaded once per two rows of W instead of once per row (measured single-threaded: 16 rows as
 // 8 + 8 about 1.15x faster than 16 at once, which fits only one row of W beside its 16 accumulators).
 template <int M, bool BF16, typename OutT>
-void nt_range(const void* x_steps, const void* x_steps2, const Weights& w, const float* code, OutT* out, int64_t n0,
+AVX512 void nt_range(const void* x_steps, const void* x_steps2, const Weights& w, const float* code, OutT* out, int64_t n0,
               int64_t n1) {
   constexpr int G1 = M > 8 ? 8 : M, G2 = M > 8 ? M - 8 : 0;
   constexpr int R = nt_rows_per_step(G1);
-  constexpr int T = std::max(R, std::min(16, 64 / M)) / R * R;  // T*M*64 bytes of accumulators: at most 8 KiB
+  // T*M*64 bytes of accumulators: at most 8 KiB (measured: M=8 1.2x slower with 16 rows, M=16 1.1x faster with 8)
+  constexpr int T = M > 8 ? 8 : std::max(R, std::min(16, 64 / M)) / R * R;
   constexpr int64_t STEP = BF16 ? 64 : 32, XBYTES = BF16 ? 2 : 4;
   const int64_t slice = std::min(w.K, std::max(STEP, 16384 / (M * XBYTES) / STEP * STEP));
   alignas(64) float acc[T * M * 16];
@@ -612,17 +639,17 @@ void nt_range(const void* x_steps, const void* x_steps2, const Weights& w, const
   for (int64_t t0 = n0; t0 < n1; t0 += T) {
     const int64_t count = std::min<int64_t>(T, n1 - t0);
     std::fill(acc, acc + T * M * 16, 0.f);
+    const uint8_t* pf = M > 1 ? w.row(std::max<int64_t>(0, std::min(t0 + T, w.N - T))) : nullptr;  // the next tile
     for (int64_t k0 = 0; k0 < w.K; k0 += slice) {
       const int64_t k1 = std::min(w.K, k0 + slice);
-      nt_group<G1, BF16>(x_steps, w, code, t0, count, k0, k1, acc);
-      if constexpr (G2 > 0) nt_group<G2, BF16>(x_steps2, w, code, t0, count, k0, k1, acc2);
+      nt_group<G1, BF16>(x_steps, w, code, t0, count, k0, k1, acc, pf, M == 1);
+      const uint8_t* none = nullptr;
+      if constexpr (G2 > 0) nt_group<G2, BF16>(x_steps2, w, code, t0, count, k0, k1, acc2, none, false);
     }
     for (int64_t r = 0; r < count; ++r)
       for (int m = 0; m < M; ++m) {
         const float* a = m < G1 ? acc + (r * G1 + m) * 16 : acc2 + (r * G2 + m - G1) * 16;
-        float s = 0.f;
-        for (int l = 0; l < 16; ++l) s += a[l];
-        store_one(out, m * w.N + t0 + r, s);
+        store_one(out, m * w.N + t0 + r, _mm512_reduce_add_ps(_mm512_loadu_ps(a)));
       }
   }
 }
@@ -663,7 +690,7 @@ AVX512BF16 void dense_bf16_range(const uint16_t* x, const uint16_t* wt, int64_t 
 
 // g @ W walks W in tiles of kNnTile rows, each over all columns chunk by chunk. As a chunk starts a cache line, the
 // same line of the row two tiles down is fetched into L2 (into L1 it would be evicted before use), so the walk
-// overlaps its memory traffic (the same reason as prefetch_next_rows; measured at M=1, 4096x4096: 0.38 -> 0.29 ms).
+// overlaps its memory traffic (the same reason as prefetch_ahead; measured at M=1, 4096x4096: 0.38 -> 0.29 ms).
 constexpr int64_t kNnTile = 64;
 
 AVX512 __attribute__((always_inline)) inline void prefetch_next_tile(const Weights& w, int64_t row, int64_t c) {
