@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 import warnings
 
 import torch
@@ -23,6 +24,7 @@ import bitsandbytes.functional as bnb_f  # noqa: E402
 
 N = K = 4096
 COPIES = 8  # 8 x 9.4 MB of 4-bit weights, more than the last-level cache: products read from memory
+ROUNDS = 3
 
 
 def bandwidth_gbs() -> float:
@@ -92,20 +94,27 @@ def main() -> None:
     bnb_ws = [bnb_f.quantize_4bit(torch.randn(N, K, dtype=torch.bfloat16) * 0.02, blocksize=64,
                                   compress_statistics=True, quant_type="nf4") for _ in range(COPIES)]  # fmt: skip
     dense = [torch.randn(N, K, dtype=best) for _ in range(COPIES)]
-    gbs = bandwidth_gbs()
-    # the floor's memory part: reading the weight's bytes once, the lower of (its bytes at the bandwidth of a long
-    # read) and (timing a read of the same rotating copies, which is what a product has to do)
-    read_ms = rotating(lambda q: (q.packed.view(torch.int32).max(), q.absmax.max()), qs)
-    bandwidth_ms = min(qs[0].nbytes / gbs / 1e6, read_ms)
+    # This VM's speed drifts by tens of percent over minutes (other guests), so the floor's parts are measured beside
+    # the products they bound, in ROUNDS rounds over M, and every quantity is the median of its rounds. The memory
+    # part: reading the weight's bytes once, the lower of (its bytes at the bandwidth of a long read) and (a read of
+    # the same rotating copies, which is what a product has to do).
+    samples = {m: {key: [] for key in ("fwd", "bwd", "ref", "dense", "gbs", "read", "rate")} for m in (1, 8, 16)}
+    for _ in range(ROUNDS):
+        for m, got in samples.items():
+            x = torch.randn(m, K, dtype=best)
+            got["gbs"].append(bandwidth_gbs())
+            got["read"].append(rotating(lambda q: (q.packed.view(torch.int32).max(), q.absmax.max()), qs))
+            got["rate"].append(matmul_gflops(best))
+            got["fwd"].append(rotating(lambda w, x=x: linear_4bit(x, w), qs))
+            got["bwd"].append(rotating(lambda w, x=x: linear_4bit_t(x, w), qs))
+            got["ref"].append(rotating(lambda p, x=x: bnb.matmul_4bit(x.bfloat16(), p[0].t(), p[1]), bnb_ws))
+            got["dense"].append(rotating(lambda d, x=x: x @ d.t(), dense))
+    med = {m: {key: statistics.median(values) for key, values in got.items()} for m, got in samples.items()}
     products = []
-    for m in (1, 8, 16):
-        x = torch.randn(m, K, dtype=best)
-        fwd = rotating(lambda w, x=x: linear_4bit(x, w), qs)
-        bwd = rotating(lambda w, x=x: linear_4bit_t(x, w), qs)
-        ref_fwd = rotating(lambda p, x=x: bnb.matmul_4bit(x.bfloat16(), p[0].t(), p[1]), bnb_ws)
-        dense_ms = rotating(lambda d, x=x: x @ d.t(), dense)
-        floor = max(bandwidth_ms, 2 * m * N * K / rates[best] / 1e6)
-        products.append((m, fwd, bwd, ref_fwd, dense_ms, floor))
+    for m, q in med.items():
+        bandwidth_ms = min(qs[0].nbytes / q["gbs"] / 1e6, q["read"])
+        floor = max(bandwidth_ms, 2 * m * N * K / q["rate"] / 1e6)
+        products.append((m, q["fwd"], q["bwd"], q["ref"], q["dense"], floor, bandwidth_ms, q["rate"]))
 
     name = {torch.float32: "fp32", torch.bfloat16: "bf16"}
     lines = [f"Measured {today()} on {machine()}; bitsandbytes {bnb.__version__}; fourbit native path: "
@@ -120,25 +129,29 @@ def main() -> None:
               f"fresh pages too (pool emptied before each call): {fresh['bf16']:.2f} ms to bf16, "
               f"{fresh['fp32']:.2f} ms to fp32; into a reused output (how its tiled products decode): "
               f"{reused['bf16']:.2f} ms to bf16, {reused['fp32']:.2f} ms to fp32."]
-    lines += ["", f"Memory bandwidth measured: {gbs:.1f} GB/s (a sum over 256 MiB), so reading one 4096x4096 NF4 "
-              f"weight (with its scales, {qs[0].nbytes / 1e6:.1f} MB) takes {qs[0].nbytes / gbs / 1e6:.3f} ms; "
-              f"reading the same {COPIES} rotating copies the products use took {read_ms:.3f} ms; the floor takes "
-              f"the lower, {bandwidth_ms:.3f} ms. Large products (2048x4096 @ "
-              f"4096x4096): fp32 {rates[torch.float32]:.0f} GFLOP/s, bf16 {rates[torch.bfloat16]:.0f} GFLOP/s, so the "
-              f"products below run in {name[best]} (which `fourbit.load` picks here with compute_dtype=None) and the "
-              f"floor is the larger of the bandwidth time and 2*M*N*K at {rates[best]:.0f} GFLOP/s.", "",
+    gbs = statistics.median(v for got in samples.values() for v in got["gbs"])
+    lines += ["", f"Memory bandwidth measured: {gbs:.1f} GB/s (a sum over 256 MiB; median of the rounds), so reading "
+              f"one 4096x4096 NF4 weight (with its scales, {qs[0].nbytes / 1e6:.1f} MB) takes "
+              f"{qs[0].nbytes / gbs / 1e6:.3f} ms; the floor's memory part is the lower of that and a read of the same "
+              f"{COPIES} rotating copies the products use. Large products (2048x4096 @ 4096x4096): fp32 "
+              f"{rates[torch.float32]:.0f} GFLOP/s, bf16 {rates[torch.bfloat16]:.0f} GFLOP/s, so the products below "
+              f"run in {name[best]} (which `fourbit.load` picks here with compute_dtype=None) and the floor is the "
+              f"larger of the memory part and 2*M*N*K at the {name[best]} rate. This VM's speed drifts by tens of "
+              f"percent over minutes, so each row's floor parts were measured beside its products, in {ROUNDS} "
+              "rounds; every figure is the median of its rounds.", "",
               f"| rows M | fourbit x W^T ms | fourbit g W ms | bnb matmul_4bit x W^T ms | dense {name[best]} x W^T ms | "
-              "floor ms | x W^T / floor | g W / floor |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for m, fwd, bwd, ref, dense_ms, floor in products:
-        lines.append(f"| {m} | {fwd:.2f} | {bwd:.2f} | {ref:.2f} | {dense_ms:.2f} | {floor:.2f} | {fwd / floor:.2f} "
-                     f"| {bwd / floor:.2f} |")  # fmt: skip
+              f"memory part ms | {name[best]} GFLOP/s | floor ms | x W^T / floor | g W / floor |",
+              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for m, fwd, bwd, ref, dense_ms, floor, bandwidth_ms, rate in products:
+        lines.append(f"| {m} | {fwd:.2f} | {bwd:.2f} | {ref:.2f} | {dense_ms:.2f} | {bandwidth_ms:.3f} | {rate:.0f} "
+                     f"| {floor:.2f} | {fwd / floor:.2f} | {bwd / floor:.2f} |")  # fmt: skip
     body = "\n".join(lines)
     print(body)
     if args.no_write:
         return
     write_section("Kernels", body)
     results = [advantage_row(metric, a, b, target, "bitsandbytes") for metric, a, b, target in rows]
-    for m, fwd, bwd, _, _, floor in products:
+    for m, fwd, bwd, _, _, floor, _, _ in products:
         for direction, ms in (("x W^T", fwd), ("g W", bwd)):
             results.append(advantage_row(f"{direction}, M={m}, 4096x4096 NF4 ({name[best]})", ms, floor, 1 / 1.5,
                                          "floor: max(bandwidth, best dense matmul rate)"))  # fmt: skip
