@@ -106,14 +106,15 @@ def test_products_long_rows_many_outputs(n):
         _check_products(q, n, k, act_dtype, [1, 2, 4, 7, 9, 16])
 
 
-def test_bf16_product_is_dequantize_then_bf16_matmul():
+@pytest.mark.parametrize("rows", [3, 16])  # 16: x @ W^T with the rows of x in the vector lanes
+def test_bf16_product_is_dequantize_then_bf16_matmul(rows):
     """The bf16 path multiplies exactly the bf16 weights dequantize gives, accumulating in fp32."""
     torch.manual_seed(2)
-    n, k = 64, 256
+    n, k = 64, 320
     q = fourbit.quantize_4bit(torch.randn(n, k), "nf4", 64, True)
     wb = q.dequantize(torch.bfloat16).double()
-    x = torch.randn(3, k).bfloat16()
-    g = torch.randn(3, n).bfloat16()
+    x = torch.randn(rows, k).bfloat16()
+    g = torch.randn(rows, n).bfloat16()
     torch.testing.assert_close(linear_4bit(x, q), (x.double() @ wb.t()).bfloat16(), rtol=8e-3, atol=1e-6)
     torch.testing.assert_close(linear_4bit_t(g, q), (g.double() @ wb).bfloat16(), rtol=8e-3, atol=1e-6)
 

@@ -654,6 +654,87 @@ AVX512 void nt_range(const void* x_steps, const void* x_steps2, const Weights& w
   }
 }
 
+// x @ W^T for many rows of bf16 x (from kBcastMinRows up to 16): the 16 lanes of a vector are the rows of x. A block
+// of 16 rows of W is decoded, 256 columns at a time, into bf16 pairs (two adjacent columns of one row per dword) in
+// L1; then for each pair of columns every row of W's dword is broadcast straight from L1 into a vdpbf16ps against the
+// 16 rows' values of that pair (one load of x per 16 multiply-adds, 16 accumulators). The next slice is decoded
+// while this one is multiplied (double buffer), and the next block of W read into L2 in order. Measured stand-alone
+// at M=16, 4096x4096, 2 threads: 0.9 ms against 1.17 ms for two groups of 8 rows over vectors along K, which decode
+// every weight twice and load x once per 2 multiply-adds.
+constexpr int kBcastRows = 16;      // rows of W per block: 16 accumulators
+constexpr int64_t kBcastCols = 256;  // columns per decoded slice: 2 x 16 rows x 512 B of bf16 pairs
+constexpr int kBcastMinRows = 13;
+
+// columns [c, c + 64) of row n, as 32 dwords of (even, odd) column pairs, in the order unpacking gives: slots 0-15
+// hold pairs 8L+t (L = 0..3, t = 0..3), slots 16-31 pairs 8L+4+t (bcast_pair_of is that order)
+AVX512BF16 __attribute__((always_inline)) inline void bcast_decode(const Weights& w, __m512 table, int64_t n,
+                                                                   int64_t c, uint32_t* dst) {
+  const __m512i tab = bf16_table(table, w.scale_at(n, c));
+  const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.row(n) + c / 2)));
+  const __m512i e = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tab);
+  const __m512i o = _mm512_permutexvar_epi16(v, tab);
+  _mm512_store_si512(dst, _mm512_unpacklo_epi16(e, o));
+  _mm512_store_si512(dst + 16, _mm512_unpackhi_epi16(e, o));
+}
+
+inline int64_t bcast_pair_of(int64_t slot) {  // the column pair (within a 64-column step) a dword slot holds
+  const int64_t half = slot / 16, q = slot % 16;
+  return 8 * (q / 4) + 4 * half + q % 4;
+}
+
+// the k-th row step of slice si for the block of rows from n (steps: 64-column steps in that slice)
+AVX512BF16 __attribute__((always_inline)) inline void bcast_decode_step(const Weights& w, __m512 table, int64_t n,
+                                                                        int64_t si, int64_t steps, int64_t k,
+                                                                        uint32_t* buf) {
+  const int64_t r = k / steps, s = k % steps;
+  bcast_decode(w, table, n + r, si * kBcastCols + 64 * s, buf + r * (kBcastCols / 2) + 32 * s);
+}
+
+// rows [n0, n0 + 16 * blocks) of W; x2: per dword slot (K/2 of them, in bcast_decode's order) the 16 rows' pairs
+template <typename OutT>
+AVX512BF16 void nt_bcast_range(const uint32_t* x2, int64_t M, const Weights& w, const float* code, OutT* out,
+                               int64_t n0, int64_t blocks) {
+  constexpr int RB = kBcastRows;
+  constexpr int64_t SL = kBcastCols;
+  const __m512 table = _mm512_loadu_ps(code);
+  alignas(64) uint32_t bufs[2][RB * SL / 2];
+  const int64_t slices = (w.K + SL - 1) / SL;
+  auto steps_of = [&](int64_t si) { return (std::min(w.K, (si + 1) * SL) - si * SL) / 64; };
+  const int64_t n1 = n0 + RB * blocks;
+  for (int64_t k = 0; k < RB * steps_of(0); ++k) bcast_decode_step(w, table, n0, 0, steps_of(0), k, bufs[0]);
+  int cur = 0;
+  for (int64_t n = n0; n < n1; n += RB) {
+    __m512 acc[RB];
+    for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_ps();
+    const uint8_t* next_block = w.row(std::min(n + RB, w.N - RB));
+    for (int64_t si = 0; si < slices; ++si) {
+      const int64_t slots = steps_of(si) * 32;
+      const bool last = si + 1 == slices;
+      const int64_t nn = last ? n + RB : n, nsi = last ? 0 : si + 1, nsteps = steps_of(nsi);
+      const int64_t todo = nn < n1 ? RB * nsteps : 0;
+      int64_t done = 0;
+      const uint32_t* buf = bufs[cur];
+      uint32_t* nxt = bufs[cur ^ 1];
+      const uint32_t* xs = x2 + si * (SL / 2) * 16;
+      for (int64_t d = 0; d < slots; ++d) {
+        const int64_t D = si * (SL / 2) + d;  // the block's K/2 slots spread the next block's RB*K/2 bytes
+        if ((D & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_block + D * RB), _MM_HINT_T1);
+        if ((d & 1) == 0 && done < todo) bcast_decode_step(w, table, nn, nsi, nsteps, done++, nxt);
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs + d * 16);
+        for (int r = 0; r < RB; ++r)
+          acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(buf[r * (SL / 2) + d])), xv);
+      }
+      while (done < todo) bcast_decode_step(w, table, nn, nsi, nsteps, done++, nxt);
+      cur ^= 1;
+    }
+    alignas(64) float lanes[16];
+    for (int r = 0; r < RB; ++r) {
+      _mm512_store_ps(lanes, acc[r]);
+      for (int64_t m = 0; m < M; ++m) store_one(out, m * w.N + n + r, lanes[m]);
+    }
+  }
+}
+
 // x @ W^T for a dense bf16 W (the output head, kept in 16 bits) and a few rows of bf16 x: bound by reading W once,
 // which oneDNN's bf16 path on these CPUs does at about a third of the bandwidth. Row n of W against the M rows of x,
 // 32 columns per step, fp32 accumulation; the M sums go to out[m * ldo].
@@ -1044,9 +1125,27 @@ torch::Tensor matmul_nt(torch::Tensor x, torch::Tensor packed, torch::Tensor abs
     xs = x_in_steps(px, 0, g1, K, 32, f32_steps[0]);
     xs2 = M > 8 ? x_in_steps(px, 8, M, K, 32, f32_steps[1]) : xs;
   }
+  // many rows of bf16 x: lanes over the rows of x (see nt_bcast_range), x as [K/2 slots][16 rows] of column pairs
+  const bool lanes = bf16 && M >= kBcastMinRows && N >= kBcastRows;
+  thread_local std::vector<uint32_t> x_pairs;
+  if (lanes) {
+    const uint32_t* px = reinterpret_cast<const uint32_t*>(x.data_ptr());  // bf16 pairs: K is even
+    x_pairs.assign(K / 2 * 16, 0u);
+    for (int64_t slot = 0; slot < K / 2; ++slot) {
+      const int64_t pair = slot / 32 * 32 + bcast_pair_of(slot % 32);
+      for (int64_t m = 0; m < M; ++m) x_pairs[slot * 16 + m] = px[m * (K / 2) + pair];
+    }
+  }
+  const uint32_t* xp = x_pairs.data();  // thread_local: the workers below must not name it
   auto run = [&](auto* o) {
     using OutT = std::remove_pointer_t<decltype(o)>;
     at::parallel_for(0, N, std::max<int64_t>(16, 65536 / K), [&](int64_t n0, int64_t n1) {
+      if (lanes) {
+        const int64_t blocks = (n1 - n0) / kBcastRows;
+        nt_bcast_range(xp, M, w, c, o, n0, blocks);
+        n0 += blocks * kBcastRows;  // the rows left over take the path below
+        if (n0 == n1) return;
+      }
       if (bf16) {
 #define CALL_NT(MM) nt_range<MM, true, OutT>(xs, xs2, w, c, o, n0, n1)
         FOURBIT_SWITCH_M(M, CALL_NT)
