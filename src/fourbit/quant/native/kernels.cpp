@@ -654,7 +654,7 @@ AVX512 void nt_range(const void* x_steps, const void* x_steps2, const Weights& w
   }
 }
 
-// x @ W^T for many rows of bf16 x (from kBcastMinRows up to 16): the 16 lanes of a vector are the rows of x. A block
+// x @ W^T for many rows of bf16 x (from kBcastMinRows up to 16; from 12 it beats the two groups of rows): the 16 lanes of a vector are the rows of x. A block
 // of 16 rows of W is decoded, 256 columns at a time, into bf16 pairs (two adjacent columns of one row per dword) in
 // L1; then for each pair of columns every row of W's dword is broadcast straight from L1 into a vdpbf16ps against the
 // 16 rows' values of that pair (one load of x per 16 multiply-adds, 16 accumulators). The next slice is decoded
@@ -663,7 +663,7 @@ AVX512 void nt_range(const void* x_steps, const void* x_steps2, const Weights& w
 // every weight twice and load x once per 2 multiply-adds.
 constexpr int kBcastRows = 16;      // rows of W per block: 16 accumulators
 constexpr int64_t kBcastCols = 256;  // columns per decoded slice: 2 x 16 rows x 512 B of bf16 pairs
-constexpr int kBcastMinRows = 13;
+constexpr int kBcastMinRows = 12;
 
 // columns [c, c + 64) of row n, as 32 dwords of (even, odd) column pairs, in the order unpacking gives: slots 0-15
 // hold pairs 8L+t (L = 0..3, t = 0..3), slots 16-31 pairs 8L+4+t (bcast_pair_of is that order)
