@@ -416,7 +416,8 @@ void dequantize_dispatch(const uint8_t* packed, const Scales& scales, const floa
 // Two vector paths. fp32 activations (AVX-512F): vpermps into the scaled table, then FMA, 32 weights per step. bf16
 // activations (AVX512_BF16 and VBMI): vpermw into the scaled table rounded to bf16 (what dequantize to bf16 gives),
 // then vdpbf16ps, 64 weights per step: the product equals dequantize-then-bf16-matmul with fp32 accumulation. Where
-// the bf16 path does not apply, bf16 activations are widened to fp32 (exactly) and take the fp32 path.
+// the bf16 path does not apply, bf16 activations are widened to fp32 (exactly) and take the fp32 path. With 12-16
+// rows of bf16 x, x @ W^T puts the rows of x in the vector lanes instead (nt_bcast_range): the same products.
 
 struct Weights {
   const uint8_t* packed;
@@ -621,7 +622,8 @@ void nt_group(const void* x_steps, const Weights& w, const float* code, int64_t 
   }
 }
 
-// x @ W^T for output columns [n0, n1): tiles of T rows of W, walked in K slices of x small enough for L1. More than 8
+// x @ W^T for output columns [n0, n1): tiles of T rows of W, walked in K slices of x small enough for L1 (from
+// kBcastMinRows rows of bf16 x, nt_bcast_range takes all but the rows of W past the last block of 16). More than 8
 // rows of x go in two groups, each with its own steps (x_steps, x_steps2), over the same tile and slice: a weight is
 // then decoded twice, but x is loaded once per two rows of W instead of once per row (measured single-threaded: 16 rows as
 // 8 + 8 about 1.15x faster than 16 at once, which fits only one row of W beside its 16 accumulators).
@@ -654,13 +656,13 @@ AVX512 void nt_range(const void* x_steps, const void* x_steps2, const Weights& w
   }
 }
 
-// x @ W^T for many rows of bf16 x (from kBcastMinRows up to 16; from 12 it beats the two groups of rows): the 16 lanes of a vector are the rows of x. A block
-// of 16 rows of W is decoded, 256 columns at a time, into bf16 pairs (two adjacent columns of one row per dword) in
-// L1; then for each pair of columns every row of W's dword is broadcast straight from L1 into a vdpbf16ps against the
-// 16 rows' values of that pair (one load of x per 16 multiply-adds, 16 accumulators). The next slice is decoded
-// while this one is multiplied (double buffer), and the next block of W read into L2 in order. Measured stand-alone
-// at M=16, 4096x4096, 2 threads: 0.9 ms against 1.17 ms for two groups of 8 rows over vectors along K, which decode
-// every weight twice and load x once per 2 multiply-adds.
+// x @ W^T for many rows of bf16 x (kBcastMinRows to 16): the 16 lanes of a vector are the rows of x. A block of 16
+// rows of W is decoded, 256 columns at a time, into bf16 pairs (two adjacent columns of one row per dword) in L1;
+// then for each pair of columns every row of W's dword is broadcast straight from L1 into a vdpbf16ps against the 16
+// rows' values of that pair (one load of x per 16 multiply-adds, 16 accumulators). The next slice is decoded while
+// this one is multiplied (double buffer), and the next block of W read into L2 in order. Measured at 4096x4096 on 2
+// threads: M=16 1.45 -> 1.05 ms against two groups of 8 rows over vectors along K (which decode every weight twice
+// and load x once per 2 multiply-adds); from 12 rows of x on it is the faster (rows of x past M are zero lanes).
 constexpr int kBcastRows = 16;      // rows of W per block: 16 accumulators
 constexpr int64_t kBcastCols = 256;  // columns per decoded slice: 2 x 16 rows x 512 B of bf16 pairs
 constexpr int kBcastMinRows = 12;
