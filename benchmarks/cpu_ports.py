@@ -34,6 +34,7 @@ OPS = {
     "vcvtne2ps2bf16": "vcvtne2ps2bf16 %%zmm26, %%zmm27, {r}",
     "vbroadcastss from memory": "vbroadcastss (%[p]), {r}",
     "vmovdqu64 load": "vmovdqu64 64(%[p]), {r}",
+    "vmovdqu64 store": "vmovdqu64 {r}, 128(%[p])",
 }
 COUNTS = (4, 8, 16)
 CLOBBER = ",".join(f'"xmm{i}"' for i in range(28))
