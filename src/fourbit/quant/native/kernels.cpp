@@ -551,21 +551,25 @@ AVX512 void nt_f32_rows(const void* x_steps, const Weights& w, const float* code
     for (int m = 0; m < M; ++m) _mm512_storeu_ps(acc_io + (r * M + m) * 16, acc[r][m]);
 }
 
-// the same with bf16 activations, 64 columns per step (K % 64 == 0, blocksize >= 64). DQ64: blocks of 64 with double-
-// quantized scales, bitsandbytes' default, where every step starts a block: the scale without the general case's
-// tests (measured at M=1, 4096x4096: 0.21 -> 0.18 ms)
+// the scale of the block holding column c of row n. DQ64: blocks of 64 with double-quantized scales, bitsandbytes'
+// default, where every 64-column step starts a block: the scale without the general case's tests
+template <bool DQ64>
+inline float block_scale(const Weights& w, int64_t n, int64_t c) {
+  if constexpr (DQ64) {
+    const int64_t b = (n * w.K + c) >> 6;
+    return w.scales.dynmap[w.scales.qabsmax[b]] * w.scales.nested[b >> 8] + w.scales.offset;  // as Scales does
+  } else {
+    return w.scale_at(n, c);
+  }
+}
+
+// the same with bf16 activations, 64 columns per step (K % 64 == 0, blocksize >= 64); DQ64: see block_scale
 template <int R, bool DQ64>
 AVX512BF16 __attribute__((always_inline)) inline void nt_bf16_decode(const Weights& w, __m512 table, int64_t n,
                                                                      int64_t c, __m512i* tab, __m512bh* even,
                                                                      __m512bh* odd) {
   for (int r = 0; r < R; ++r) {
-    if constexpr (DQ64) {
-      const int64_t b = ((n + r) * w.K + c) >> 6;
-      const Scales& sc = w.scales;
-      tab[r] = bf16_table(table, sc.dynmap[sc.qabsmax[b]] * sc.nested[b >> 8] + sc.offset);  // as Scales does
-    } else if (w.block_starts(n + r, c)) {
-      tab[r] = bf16_table(table, w.scale_at(n + r, c));
-    }
+    if (DQ64 || w.block_starts(n + r, c)) tab[r] = bf16_table(table, block_scale<DQ64>(w, n + r, c));
     const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.row(n + r) + c / 2)));
     even[r] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tab[r]);
     odd[r] = (__m512bh)_mm512_permutexvar_epi16(v, tab[r]);
@@ -850,17 +854,6 @@ AVX512BF16 __attribute__((always_inline)) inline void pair_indices(__m512i a, __
   const __m512i d = _mm512_maskz_permutex2var_epi8(0x5555555555555555ULL, a, pair, b);
   *io = _mm512_ternarylogic_epi32(d, nibble, second_row, 0xEA);  // (v & nibble) | second_row
   *ie = _mm512_ternarylogic_epi32(_mm512_srli_epi16(d, 4), nibble, second_row, 0xEA);
-}
-
-// the scale of the block holding column c of row n; DQ64 as in nt_bf16_decode (blocks of 64, double-quantized)
-template <bool DQ64>
-inline float block_scale(const Weights& w, int64_t n, int64_t c) {
-  if constexpr (DQ64) {
-    const int64_t b = (n * w.K + c) >> 6;
-    return w.scales.dynmap[w.scales.qabsmax[b]] * w.scales.nested[b >> 8] + w.scales.offset;  // as Scales does
-  } else {
-    return w.scale_at(n, c);
-  }
 }
 
 // the pair table of rows n, n+1 for the block holding column c
