@@ -429,6 +429,8 @@ struct Weights {
   float scale_at(int64_t n, int64_t c) const { return scales((n * K + c) >> shift); }
   bool block_starts(int64_t n, int64_t c) const { return ((n * K + c) & mask) == 0; }
   const uint8_t* row(int64_t n) const { return packed + n * (K / 2); }
+  // blocks of 64 with double-quantized scales, bitsandbytes' default: the products' own instantiation (block_scale)
+  bool dq64() const { return mask == 63 && scales.qabsmax != nullptr; }
 };
 
 void matmul_nt_scalar(const float* xe, const float* xo, int64_t M, const Weights& w, const float* code, float* out,
@@ -622,7 +624,7 @@ void nt_group(const void* x_steps, const Weights& w, const float* code, int64_t 
               int64_t k1, float* acc, const uint8_t*& pf) {
   constexpr int R = nt_rows_per_step(G);
   constexpr int64_t STEP = BF16 ? 64 : 32;
-  const bool dq64 = w.mask == 63 && w.scales.qabsmax != nullptr;
+  const bool dq64 = w.dq64();
   auto* const rows = BF16 ? (dq64 ? nt_bf16_rows<G, R, PF, true> : nt_bf16_rows<G, R, PF, false>)
                           : nt_f32_rows<G, R, PF>;
   auto* const one = BF16 ? (dq64 ? nt_bf16_rows<G, 1, PF, true> : nt_bf16_rows<G, 1, PF, false>)
@@ -686,9 +688,10 @@ constexpr int kBcastMinRows = 12;
 
 // columns [c, c + 64) of row n, as 32 dwords of (even, odd) column pairs, in the order unpacking gives: slots 0-15
 // hold pairs 8L+t (L = 0..3, t = 0..3), slots 16-31 pairs 8L+4+t (bcast_pair_of is that order)
+template <bool DQ64>
 AVX512BF16 __attribute__((always_inline)) inline void bcast_decode(const Weights& w, __m512 table, int64_t n,
                                                                    int64_t c, uint32_t* dst) {
-  const __m512i tab = bf16_table(table, w.scale_at(n, c));
+  const __m512i tab = bf16_table(table, block_scale<DQ64>(w, n, c));
   const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.row(n) + c / 2)));
   const __m512i e = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tab);
   const __m512i o = _mm512_permutexvar_epi16(v, tab);
@@ -696,21 +699,35 @@ AVX512BF16 __attribute__((always_inline)) inline void bcast_decode(const Weights
   _mm512_store_si512(dst + 16, _mm512_unpackhi_epi16(e, o));
 }
 
+// acc[r] += x . (the dword p[128 r], in every lane), r < 8: half a slot of the lanes path, each broadcast in its
+// multiply-add's memory operand. In assembly because compilers emit a separate broadcast for _mm512_set1_epi32 (an
+// instruction more per multiply-add for the front end, which then bounds the loop) and, given one multiply-add at
+// a time, keep the accumulators in memory.
+static_assert(kBcastCols / 2 * 4 == 512, "the offsets below are the rows of a decoded slice");
+AVX512BF16 __attribute__((always_inline)) inline void dpbf16_bcast8(__m512& a0, __m512& a1, __m512& a2, __m512& a3,
+                                                                    __m512& a4, __m512& a5, __m512& a6, __m512& a7,
+                                                                    __m512bh x, const uint32_t* p) {
+  using Rows = const uint32_t[7 * kBcastCols / 2 + 1];  // the dwords it reads lie in p[0 .. 7 * 128]
+  asm("vdpbf16ps (%[p])%{1to16%}, %[x], %[a0]\n\t"
+      "vdpbf16ps 512(%[p])%{1to16%}, %[x], %[a1]\n\t"
+      "vdpbf16ps 1024(%[p])%{1to16%}, %[x], %[a2]\n\t"
+      "vdpbf16ps 1536(%[p])%{1to16%}, %[x], %[a3]\n\t"
+      "vdpbf16ps 2048(%[p])%{1to16%}, %[x], %[a4]\n\t"
+      "vdpbf16ps 2560(%[p])%{1to16%}, %[x], %[a5]\n\t"
+      "vdpbf16ps 3072(%[p])%{1to16%}, %[x], %[a6]\n\t"
+      "vdpbf16ps 3584(%[p])%{1to16%}, %[x], %[a7]\n\t"
+      : [a0] "+v"(a0), [a1] "+v"(a1), [a2] "+v"(a2), [a3] "+v"(a3), [a4] "+v"(a4), [a5] "+v"(a5), [a6] "+v"(a6),
+        [a7] "+v"(a7)
+      : [x] "v"(x), [p] "r"(p), "m"(*reinterpret_cast<Rows*>(p)));
+}
+
 inline int64_t bcast_pair_of(int64_t slot) {  // the column pair (within a 64-column step) a dword slot holds
   const int64_t half = slot / 16, q = slot % 16;
   return 8 * (q / 4) + 4 * half + q % 4;
 }
 
-// the k-th row step of slice si for the block of rows from n (steps: 64-column steps in that slice)
-AVX512BF16 __attribute__((always_inline)) inline void bcast_decode_step(const Weights& w, __m512 table, int64_t n,
-                                                                        int64_t si, int64_t steps, int64_t k,
-                                                                        uint32_t* buf) {
-  const int64_t r = k / steps, s = k % steps;
-  bcast_decode(w, table, n + r, si * kBcastCols + 64 * s, buf + r * (kBcastCols / 2) + 32 * s);
-}
-
 // rows [n0, n0 + 16 * blocks) of W; x2: per dword slot (K/2 of them, in bcast_decode's order) the 16 rows' pairs
-template <typename OutT>
+template <bool DQ64, typename OutT>
 AVX512BF16 void nt_bcast_range(const uint32_t* x2, int64_t M, const Weights& w, const float* code, OutT* out,
                                int64_t n0, int64_t blocks) {
   constexpr int RB = kBcastRows;
@@ -720,32 +737,41 @@ AVX512BF16 void nt_bcast_range(const uint32_t* x2, int64_t M, const Weights& w, 
   const int64_t slices = (w.K + SL - 1) / SL;
   auto steps_of = [&](int64_t si) { return (std::min(w.K, (si + 1) * SL) - si * SL) / 64; };
   const int64_t n1 = n0 + RB * blocks;
-  for (int64_t k = 0; k < RB * steps_of(0); ++k) bcast_decode_step(w, table, n0, 0, steps_of(0), k, bufs[0]);
+  for (int r = 0; r < RB; ++r)
+    for (int64_t s = 0; s < steps_of(0); ++s)
+      bcast_decode<DQ64>(w, table, n0 + r, 64 * s, bufs[0] + r * (SL / 2) + 32 * s);
   int cur = 0;
   for (int64_t n = n0; n < n1; n += RB) {
-    __m512 acc[RB];
-    for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_ps();
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0,
+           a10 = a0, a11 = a0, a12 = a0, a13 = a0, a14 = a0, a15 = a0;
     const uint8_t* next_block = w.row(std::min(n + RB, w.N - RB));
     for (int64_t si = 0; si < slices; ++si) {
       const int64_t slots = steps_of(si) * 32;
       const bool last = si + 1 == slices;
-      const int64_t nn = last ? n + RB : n, nsi = last ? 0 : si + 1, nsteps = steps_of(nsi);
-      const int64_t todo = nn < n1 ? RB * nsteps : 0;
-      int64_t done = 0;
+      // the slice decoded meanwhile: rows nn.. of W, columns from nc, row dr and step ds next
+      const int64_t nn = last ? n + RB : n, nc = last ? 0 : (si + 1) * SL, nsteps = steps_of(last ? 0 : si + 1);
+      int dr = nn < n1 ? 0 : RB;
+      int64_t ds = 0;
       const uint32_t* buf = bufs[cur];
       uint32_t* nxt = bufs[cur ^ 1];
       const uint32_t* xs = x2 + si * (SL / 2) * 16;
       for (int64_t d = 0; d < slots; ++d) {
         const int64_t D = si * (SL / 2) + d;  // the block's K/2 slots spread the next block's RB*K/2 bytes
         if ((D & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_block + D * RB), _MM_HINT_T1);
-        if ((d & 1) == 0 && done < todo) bcast_decode_step(w, table, nn, nsi, nsteps, done++, nxt);
+        if ((d & 1) == 0 && dr < RB) {
+          bcast_decode<DQ64>(w, table, nn + dr, nc + 64 * ds, nxt + dr * (SL / 2) + 32 * ds);
+          if (++ds == nsteps) ds = 0, ++dr;
+        }
         const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs + d * 16);
-        for (int r = 0; r < RB; ++r)
-          acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(buf[r * (SL / 2) + d])), xv);
+        // (an asm statement takes at most 30 operands; an array of accumulators would live in memory)
+        dpbf16_bcast8(a0, a1, a2, a3, a4, a5, a6, a7, xv, buf + d);
+        dpbf16_bcast8(a8, a9, a10, a11, a12, a13, a14, a15, xv, buf + 8 * (SL / 2) + d);
       }
-      while (done < todo) bcast_decode_step(w, table, nn, nsi, nsteps, done++, nxt);
+      for (; dr < RB; ds = 0, ++dr)
+        for (; ds < nsteps; ++ds) bcast_decode<DQ64>(w, table, nn + dr, nc + 64 * ds, nxt + dr * (SL / 2) + 32 * ds);
       cur ^= 1;
     }
+    const __m512 acc[RB] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15};
     alignas(64) float lanes[16];
     for (int r = 0; r < RB; ++r) {
       _mm512_store_ps(lanes, acc[r]);
@@ -1147,6 +1173,7 @@ torch::Tensor matmul_nt(torch::Tensor x, torch::Tensor packed, torch::Tensor abs
   }
   // many rows of bf16 x: lanes over the rows of x (see nt_bcast_range), x as [K/2 slots][16 rows] of column pairs
   const bool lanes = bf16 && M >= kBcastMinRows && N >= kBcastRows;
+  const bool dq64 = w.dq64();
   thread_local std::vector<uint32_t> x_pairs;
   if (lanes) {
     const uint32_t* px = reinterpret_cast<const uint32_t*>(x.data_ptr());  // bf16 pairs: K is even
@@ -1162,7 +1189,7 @@ torch::Tensor matmul_nt(torch::Tensor x, torch::Tensor packed, torch::Tensor abs
     at::parallel_for(0, N, std::max<int64_t>(16, 65536 / K), [&](int64_t n0, int64_t n1) {
       if (lanes) {
         const int64_t blocks = (n1 - n0) / kBcastRows;
-        nt_bcast_range(xp, M, w, c, o, n0, blocks);
+        (dq64 ? nt_bcast_range<true, OutT> : nt_bcast_range<false, OutT>)(xp, M, w, c, o, n0, blocks);
         n0 += blocks * kBcastRows;  // the rows left over take the path below
         if (n0 == n1) return;
       }
@@ -1226,7 +1253,7 @@ torch::Tensor matmul_nn(torch::Tensor g, torch::Tensor packed, torch::Tensor abs
     const int64_t tiles = (N + kNnTile - 1) / kNnTile;
     const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
     const int64_t half = K / 2, part = 2 * M * half;
-    const bool dq64 = w.mask == 63 && w.scales.qabsmax != nullptr;  // see nt_bf16_decode
+    const bool dq64 = w.dq64();  // see nt_bf16_decode
     thread_local std::vector<float> parts;
     parts.resize(tasks * part);
     float* pp = parts.data();
