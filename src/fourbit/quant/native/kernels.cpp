@@ -1253,7 +1253,7 @@ torch::Tensor matmul_nn(torch::Tensor g, torch::Tensor packed, torch::Tensor abs
     const int64_t tiles = (N + kNnTile - 1) / kNnTile;
     const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
     const int64_t half = K / 2, part = 2 * M * half;
-    const bool dq64 = w.dq64();  // see nt_bf16_decode
+    const bool dq64 = w.dq64();  // see block_scale
     thread_local std::vector<float> parts;
     parts.resize(tasks * part);
     float* pp = parts.data();
