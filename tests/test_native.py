@@ -106,13 +106,13 @@ def test_products_long_rows_many_outputs(n):
         _check_products(q, n, k, act_dtype, [1, 2, 4, 7, 9, 16])
 
 
-@pytest.mark.parametrize("rows", [3, 16])  # 16: x @ W^T with the rows of x in the vector lanes
+@pytest.mark.parametrize("rows", [3, 13, 16])  # 13, 16: x @ W^T with the rows of x in the vector lanes
 # blocks of 64 with double quant have their own instantiation of each product; the others take the general one
 @pytest.mark.parametrize("blocksize, double_quant", [(64, True), (64, False), (128, True)])
 def test_bf16_product_is_dequantize_then_bf16_matmul(rows, blocksize, double_quant):
     """The bf16 path multiplies exactly the bf16 weights dequantize gives, accumulating in fp32."""
     torch.manual_seed(2)
-    n, k = 64, 320
+    n, k = 72, 320  # x @ W^T in the lanes: 4 blocks of 16 rows of W, then 8 rows over the other path
     q = fourbit.quantize_4bit(torch.randn(n, k), "nf4", blocksize, double_quant)
     wb = q.dequantize(torch.bfloat16).double()
     x = torch.randn(rows, k).bfloat16()
