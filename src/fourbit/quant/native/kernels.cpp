@@ -566,12 +566,19 @@ inline float block_scale(const Weights& w, int64_t n, int64_t c) {
 }
 
 // the same with bf16 activations, 64 columns per step (K % 64 == 0, blocksize >= 64); DQ64: see block_scale
+// DQ64: `ahead` holds the rows' scales for step c and is refilled with step c + 64's (where c + 64 < k1), so that a
+// decode's table does not wait on the scale's three dependent loads (x @ W^T M=8: 5% faster)
 template <int R, bool DQ64>
 AVX512BF16 __attribute__((always_inline)) inline void nt_bf16_decode(const Weights& w, __m512 table, int64_t n,
-                                                                     int64_t c, __m512i* tab, __m512bh* even,
-                                                                     __m512bh* odd) {
+                                                                     int64_t c, int64_t k1, float* ahead,
+                                                                     __m512i* tab, __m512bh* even, __m512bh* odd) {
   for (int r = 0; r < R; ++r) {
-    if (DQ64 || w.block_starts(n + r, c)) tab[r] = bf16_table(table, block_scale<DQ64>(w, n + r, c));
+    if constexpr (DQ64) {
+      tab[r] = bf16_table(table, ahead[r]);
+      if (c + 64 < k1) ahead[r] = block_scale<true>(w, n + r, c + 64);
+    } else if (w.block_starts(n + r, c)) {
+      tab[r] = bf16_table(table, w.scale_at(n + r, c));
+    }
     const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.row(n + r) + c / 2)));
     even[r] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tab[r]);
     odd[r] = (__m512bh)_mm512_permutexvar_epi16(v, tab[r]);
@@ -585,16 +592,18 @@ AVX512BF16 void nt_bf16_rows(const void* x_steps, const Weights& w, const float*
   __m512 acc[R][M];
   __m512i tab[R];
   __m512bh even[R], odd[R];
+  float ahead[R];
   for (int r = 0; r < R; ++r) {
     tab[r] = bf16_table(table, w.scale_at(n + r, k0));
+    ahead[r] = w.scale_at(n + r, k0);
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_loadu_ps(acc_io + (r * M + m) * 16);
   }
-  nt_bf16_decode<R, DQ64>(w, table, n, k0, tab, even, odd);
+  nt_bf16_decode<R, DQ64>(w, table, n, k0, k1, ahead, tab, even, odd);
   for (int64_t c = k0; c < k1; c += 64) {
     __m512bh next_even[R], next_odd[R];
     if (c + 64 < k1) {
       prefetch_ahead<R, PF>(w, n, c + 64, pf, (c - k0) / 64);
-      nt_bf16_decode<R, DQ64>(w, table, n, c + 64, tab, next_even, next_odd);
+      nt_bf16_decode<R, DQ64>(w, table, n, c + 64, k1, ahead, tab, next_even, next_odd);
     }
     const uint16_t* x = static_cast<const uint16_t*>(x_steps) + c * M;  // 32 even, then 32 odd columns per row
     for (int m = 0; m < M; ++m) {
