@@ -594,8 +594,8 @@ AVX512BF16 void nt_bf16_rows(const void* x_steps, const Weights& w, const float*
   __m512bh even[R], odd[R];
   float ahead[R];
   for (int r = 0; r < R; ++r) {
-    tab[r] = bf16_table(table, w.scale_at(n + r, k0));
     ahead[r] = w.scale_at(n + r, k0);
+    tab[r] = bf16_table(table, ahead[r]);
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_loadu_ps(acc_io + (r * M + m) * 16);
   }
   nt_bf16_decode<R, DQ64>(w, table, n, k0, k1, ahead, tab, even, odd);
