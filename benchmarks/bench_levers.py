@@ -10,6 +10,7 @@ Levers (the baseline is fourbit as shipped):
   as many padded rows as those packed rows held examples);
 - activation checkpointing -> off (faster, more memory);
 - compute dtype bf16 -> fp32 (which one wins depends on the CPU; fourbit measures it);
+- adapter products in the compute dtype -> in the adapters' fp32 (PEFT's way; the weights are fp32 either way);
 - returning freed memory to the OS after each step -> off;
 - the allocator pool for large tensors -> glibc's heap for everything;
 - batch widths rounded up to a multiple of 8 -> the longest row's width (a new shape for most batches).
@@ -37,6 +38,7 @@ LEVERS = {
     "padding instead of packing": {"packing": False},
     "no activation checkpointing": {"checkpointing": False},
     "fp32 compute instead of bf16": {"dtype": "float32"},
+    "fp32 adapter products instead of bf16": {"adapter_dtype": "float32"},
     "no memory trim after each step": {"trim": False},
     "glibc heap instead of the allocator pool": {"pool": False},
     "batch widths not rounded to a multiple of 8": {"pad_to": 1},
@@ -60,8 +62,11 @@ def full_vocabulary_loss(model, batch, chunk_tokens: int = 0):
 def child(options: dict, steps: int) -> None:
     import contextlib
 
+    import torch
+
     import fourbit.data.batching
     import fourbit.nn.dropout
+    import fourbit.nn.qlora_linear
     import fourbit.quant.native
     import fourbit.train.loss
     import fourbit.train.trainer
@@ -70,6 +75,8 @@ def child(options: dict, steps: int) -> None:
 
     if options.get("dropout") == "torch":
         fourbit.nn.dropout._use_hash = lambda x: False
+    if "adapter_dtype" in options:
+        fourbit.nn.qlora_linear.adapter_dtype = lambda layer: getattr(torch, options["adapter_dtype"])
     if options.get("loss") == "full":
         fourbit.train.loss.loss_sum = full_vocabulary_loss
     if options.get("trim") is False:

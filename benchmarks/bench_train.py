@@ -414,7 +414,9 @@ def report(results: dict[str, list[dict]], setup: dict, args, command: str) -> N
              f"layers of the decoder, lr 1e-3, 3 warm-up steps then cosine, max grad norm 0.3, no weight decay, "
              f"NF4 + double quantization, {setup['dtype']} compute (fourbit's choice here), max_length "
              f"{MAX_LENGTH}, seed 0. Per optimizer step: the reference {args.batch_size} padded examples, fourbit "
-             f"{setup['rows_per_step']} packed rows of up to {MAX_LENGTH} tokens (about as many examples).", "",
+             f"{setup['rows_per_step']} packed rows of up to {MAX_LENGTH} tokens (about as many examples). "
+             f"Adapter weights are fp32 in both; the reference multiplies by them in fp32 (PEFT casts x to the "
+             f"adapter's dtype), fourbit in its compute dtype ({setup['dtype']}, fp32 accumulation).", "",
              "| | training s | process s | tokens/s | peak private MB (training process) | exact match | "
              "optimizer steps | final train loss | eval process peak MB |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip

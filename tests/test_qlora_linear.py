@@ -135,6 +135,24 @@ def test_half_precision_compute(kernels, compute_dtype):
 # --- 2. gradients -------------------------------------------------------------------------------------------------
 
 
+def test_bf16_compute_trains_fp32_adapters_through_bf16_products(kernels):
+    """With bf16 compute the adapter products run in bf16 (fp32 accumulation) while the weights and their gradients
+    stay fp32: their gradients are fp32 and match float64 to bf16's precision."""
+    _, layer = make_layer(compute_dtype=torch.bfloat16)
+    layer.add_adapter("a", r=8, alpha=16)
+    randomize_b(layer, "a")
+    x = torch.randn(40, 128).to(torch.bfloat16)
+    g = torch.randn(40, 96)
+    layer(x).float().backward(g)
+    a64 = layer.lora_A["a"].weight.detach().double().requires_grad_()
+    b64 = layer.lora_B["a"].weight.detach().double().requires_grad_()
+    (2.0 * (x.double() @ a64.t() @ b64.t())).backward(g.double())
+    for part, want in (("lora_A", a64.grad), ("lora_B", b64.grad)):
+        got = getattr(layer, part)["a"].weight.grad
+        assert got.dtype == torch.float32
+        assert (got.double() - want).abs().max() < 2e-2 * want.abs().max()
+
+
 @pytest.mark.parametrize("m", [1, 5, 33])
 def test_gradients_match_float64(kernels, m):
     _, layer = make_layer()
