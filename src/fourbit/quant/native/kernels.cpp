@@ -650,6 +650,47 @@ void nt_group(const void* x_steps, const Weights& w, const float* code, int64_t 
   }
 }
 
+// 16 floats rounded to bf16 as to_bf16_bits rounds each
+AVX512 inline __m256i bf16_bits_x16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v), high = _mm512_srli_epi32(u, 16);
+  const __m512i exponent = _mm512_set1_epi32(0x7f800000);
+  const __m512i rounded = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(high, _mm512_set1_epi32(1)))), 16);
+  const __mmask16 special = _mm512_cmpeq_epi32_mask(_mm512_and_si512(u, exponent), exponent);  // inf, nan
+  const __mmask16 payload = _mm512_test_epi32_mask(u, _mm512_set1_epi32(0xffff));
+  const __m512i kept = _mm512_mask_or_epi32(high, payload, high, _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, special, kept));
+}
+
+// the sums of the 8 vectors v[0], v[stride], ..., each added in _mm512_reduce_add_ps's order (lane i plus lane i+8,
+// then i+4, i+2, i+1: the same results), stored as 8 consecutive outputs
+template <typename OutT>
+AVX512 inline void store_sums_of_8(OutT* out, const float* v, int64_t stride) {
+  const __m512i h8a = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+  const __m512i h8b = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const __m512i h4a = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+  const __m512i h4b = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const __m512i h2a = _mm512_setr_epi32(0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29);
+  const __m512i h2b = _mm512_setr_epi32(2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  __m512 a[4], b[2];
+  for (int k = 0; k < 4; ++k) {  // a[k]: v[2k]'s 8 partial sums, then v[2k+1]'s
+    const __m512 x = _mm512_loadu_ps(v + 2 * k * stride), y = _mm512_loadu_ps(v + (2 * k + 1) * stride);
+    a[k] = _mm512_add_ps(_mm512_permutex2var_ps(x, h8a, y), _mm512_permutex2var_ps(x, h8b, y));
+  }
+  for (int k = 0; k < 2; ++k)  // b[k]: 4 partial sums each of v[4k] .. v[4k+3]
+    b[k] = _mm512_add_ps(_mm512_permutex2var_ps(a[2 * k], h4a, a[2 * k + 1]),
+                         _mm512_permutex2var_ps(a[2 * k], h4b, a[2 * k + 1]));
+  const __m512 c = _mm512_add_ps(_mm512_permutex2var_ps(b[0], h2a, b[1]), _mm512_permutex2var_ps(b[0], h2b, b[1]));
+  const __m512 d = _mm512_add_ps(c, _mm512_permute_ps(c, 0xB1));  // lane 2r: the sum of v[r]
+  const __m512 sums = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0), d);
+  if constexpr (std::is_same_v<OutT, float>) {
+    _mm256_storeu_ps(out, _mm512_castps512_ps256(sums));
+  } else {
+    static_assert(std::is_same_v<OutT, at::BFloat16>, "x @ W^T writes fp32 or bf16");
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(bf16_bits_x16(sums)));
+  }
+}
+
 // x @ W^T for output columns [n0, n1): tiles of T rows of W, walked in K slices of x small enough for L1 (from
 // kBcastMinRows rows of bf16 x, nt_bcast_range takes all but the rows of W past the last block of 16). More than 8
 // rows of x go in two groups, each with its own steps (x_steps, x_steps2), over the same tile and slice: a weight is
@@ -676,7 +717,13 @@ AVX512 void nt_range(const void* x_steps, const void* x_steps2, const Weights& w
       const uint8_t* none = nullptr;
       if constexpr (G2 > 0) nt_group<G2, BF16, kNoPrefetch>(x_steps2, w, code, t0, count, k0, k1, acc2, none);
     }
-    for (int64_t r = 0; r < count; ++r)
+    int64_t r = 0;
+    for (; r + 8 <= count; r += 8)  // 8 consecutive outputs of each row of x at once
+      for (int m = 0; m < M; ++m) {
+        const float* a = m < G1 ? acc + (r * G1 + m) * 16 : acc2 + (r * G2 + m - G1) * 16;
+        store_sums_of_8(out + m * w.N + t0 + r, a, (m < G1 ? G1 : G2) * 16);
+      }
+    for (; r < count; ++r)
       for (int m = 0; m < M; ++m) {
         const float* a = m < G1 ? acc + (r * G1 + m) * 16 : acc2 + (r * G2 + m - G1) * 16;
         store_one(out, m * w.N + t0 + r, _mm512_reduce_add_ps(_mm512_loadu_ps(a)));
@@ -1180,6 +1227,23 @@ const T* x_in_steps(const T* x, int64_t m0, int64_t m1, int64_t K, int64_t step,
   return first;
 }
 
+// the same for bf16 x in 64-column steps, two word permutes per row and step (the plain loop above is not
+// vectorized: at 8 rows of x it took about as long as a tenth of the product)
+AVX512 const uint16_t* x_in_steps_bf16(const uint16_t* x, int64_t m0, int64_t m1, int64_t K, std::vector<uint16_t>& buf) {
+  uint16_t* const first = aligned_buffer(buf, (m1 - m0) * K);
+  alignas(64) uint16_t even[32], odd[32];
+  for (int i = 0; i < 32; ++i) even[i] = static_cast<uint16_t>(2 * i), odd[i] = static_cast<uint16_t>(2 * i + 1);
+  const __m512i ie = _mm512_load_si512(even), io = _mm512_load_si512(odd);
+  uint16_t* dst = first;
+  for (int64_t s = 0; s < K / 64; ++s)
+    for (int64_t m = m0; m < m1; ++m, dst += 64) {
+      const __m512i a = _mm512_loadu_si512(x + m * K + s * 64), b = _mm512_loadu_si512(x + m * K + s * 64 + 32);
+      _mm512_store_si512(dst, _mm512_permutex2var_epi16(a, ie, b));
+      _mm512_store_si512(dst + 32, _mm512_permutex2var_epi16(a, io, b));
+    }
+  return first;
+}
+
 // the M rows of bf16 x [M, K] (as K/2 dword pairs) in the lanes path's layout: per dword slot, in bcast_decode's
 // order, the 16 rows' pairs (rows past M zero), one masked gather per slot
 AVX512 const uint32_t* x_in_pairs(const uint32_t* x, int64_t M, int64_t K, std::vector<uint32_t>& buf) {
@@ -1238,8 +1302,8 @@ torch::Tensor matmul_nt(torch::Tensor x, torch::Tensor packed, torch::Tensor abs
     const int64_t g1 = std::min<int64_t>(M, 8);
     if (bf16) {
       const uint16_t* px = reinterpret_cast<const uint16_t*>(x.data_ptr());
-      xs = x_in_steps(px, 0, g1, K, 64, bf16_steps[0]);
-      xs2 = M > 8 ? x_in_steps(px, 8, M, K, 64, bf16_steps[1]) : xs;
+      xs = x_in_steps_bf16(px, 0, g1, K, bf16_steps[0]);
+      xs2 = M > 8 ? x_in_steps_bf16(px, 8, M, K, bf16_steps[1]) : xs;
     } else {
       const float* px = x.data_ptr<float>();
       xs = x_in_steps(px, 0, g1, K, 32, f32_steps[0]);
@@ -1276,6 +1340,50 @@ torch::Tensor matmul_nt(torch::Tensor x, torch::Tensor packed, torch::Tensor abs
 
 // g: [M, N] fp32, bf16 or fp16, M <= 16. Returns g @ W [M, K]: bf16 for bf16 g on the vector paths (rounded once
 // from the fp32 sums), else fp32.
+AVX512 inline void store_pairs_x16(float* dst, __m512 a, __m512 b) {
+  _mm512_storeu_ps(dst, a);
+  _mm512_storeu_ps(dst + 16, b);
+}
+AVX512 inline void store_pairs_x16(at::BFloat16* dst, __m512 a, __m512 b) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), bf16_bits_x16(a));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16), bf16_bits_x16(b));
+}
+
+// rows [m0, m1) of g @ W's output: task 0's sums plus the others' (those added first, in task order), even and odd
+// columns interleaved, in the output dtype (16 columns of each per turn)
+template <typename OutT>
+AVX512 void nn_reduce(const float* pp, int64_t tasks, int64_t part, int64_t M, int64_t K, int64_t m0, int64_t m1,
+                      OutT* dst) {
+  const int64_t half = K / 2;
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* e = pp + m * half;
+    const float* o = e + M * half;
+    int64_t j = 0;
+    for (; j + 16 <= half; j += 16) {
+      __m512 se = _mm512_loadu_ps(e + j), so = _mm512_loadu_ps(o + j);
+      if (tasks > 1) {
+        __m512 me = _mm512_loadu_ps(e + part + j), mo = _mm512_loadu_ps(o + part + j);
+        for (int64_t t = 2; t < tasks; ++t) {
+          me = _mm512_add_ps(me, _mm512_loadu_ps(e + t * part + j));
+          mo = _mm512_add_ps(mo, _mm512_loadu_ps(o + t * part + j));
+        }
+        se = _mm512_add_ps(se, me);
+        so = _mm512_add_ps(so, mo);
+      }
+      store_pairs_x16(dst + m * K + 2 * j, _mm512_permutex2var_ps(se, lo, so), _mm512_permutex2var_ps(se, hi, so));
+    }
+    for (; j < half; ++j)
+      for (int h = 0; h < 2; ++h) {
+        const float* first = (h ? o : e) + j;
+        float more = 0.f;
+        for (int64_t t = 1; t < tasks; ++t) more += first[t * part];
+        store_one<OutT>(dst, m * K + 2 * j + h, tasks > 1 ? first[0] + more : first[0]);
+      }
+  }
+}
+
 torch::Tensor matmul_nn(torch::Tensor g, torch::Tensor packed, torch::Tensor absmax,
                                      c10::optional<torch::Tensor> nested, c10::optional<torch::Tensor> dynmap,
                                      double offset, torch::Tensor code, int64_t blocksize, int64_t N, int64_t K) {
@@ -1288,27 +1396,28 @@ torch::Tensor matmul_nn(torch::Tensor g, torch::Tensor packed, torch::Tensor abs
   if (has_avx512() && M > 0 && N > 0 && K > 0) {
     const bool bf16_out = g.scalar_type() == torch::kBFloat16;
     g = (bf16 ? g : g.to(torch::kFloat32)).contiguous();
-    // g transposed into a reused buffer, the values for one row of W (bf16: a pair of rows, [N/2][M][2]) together;
-    // plain loops, since a handful of torch ops here cost more than a small layer's product
+    // g transposed into a reused buffer, the values for one row of W (bf16: a pair of rows, [N/2][M][2]) together,
+    // each task transposing the rows it multiplies; plain loops, since a handful of torch ops here cost more than a
+    // small layer's product
     thread_local std::vector<uint16_t> g_pairs;
     thread_local std::vector<float> g_rows;
-    const void* gp;
-    if (bf16) {
-      const uint16_t* src = reinterpret_cast<const uint16_t*>(g.data_ptr());
-      uint16_t* dst = aligned_buffer(g_pairs, M * N);
-      for (int64_t n2 = 0; n2 < N / 2; ++n2)
-        for (int64_t m = 0; m < M; ++m) {
-          dst[(n2 * M + m) * 2] = src[m * N + 2 * n2];
-          dst[(n2 * M + m) * 2 + 1] = src[m * N + 2 * n2 + 1];
-        }
-      gp = dst;
-    } else {
-      const float* src = g.data_ptr<float>();
-      float* dst = aligned_buffer(g_rows, M * N);
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t m = 0; m < M; ++m) dst[n * M + m] = src[m * N + n];
-      gp = dst;
-    }
+    void* const gp = bf16 ? static_cast<void*>(aligned_buffer(g_pairs, M * N)) : aligned_buffer(g_rows, M * N);
+    auto transpose_g = [&](int64_t r0, int64_t r1) {
+      if (bf16) {
+        const uint16_t* src = reinterpret_cast<const uint16_t*>(g.data_ptr());
+        uint16_t* dst = static_cast<uint16_t*>(gp);
+        for (int64_t n2 = r0 / 2; n2 < r1 / 2; ++n2)
+          for (int64_t m = 0; m < M; ++m) {
+            dst[(n2 * M + m) * 2] = src[m * N + 2 * n2];
+            dst[(n2 * M + m) * 2 + 1] = src[m * N + 2 * n2 + 1];
+          }
+      } else {
+        const float* src = g.data_ptr<float>();
+        float* dst = static_cast<float*>(gp);
+        for (int64_t n = r0; n < r1; ++n)
+          for (int64_t m = 0; m < M; ++m) dst[n * M + m] = src[m * N + n];
+      }
+    };
     // each task takes whole tiles of rows and sums into its own [M, K] outputs (even and odd columns apart), added up
     // at the end: a task then reads W in one contiguous run, which streams from memory where the tasks' owning
     // column ranges (every row, half of it each) did not (1.6x slower at M=1)
@@ -1323,6 +1432,7 @@ torch::Tensor matmul_nn(torch::Tensor g, torch::Tensor packed, torch::Tensor abs
         const int64_t r0 = t * tiles / tasks * kNnTile, r1 = std::min(N, (t + 1) * tiles / tasks * kNnTile);
         float* e = pp + t * part;
         float* o = e + M * half;
+        transpose_g(r0, r1);
         if (bf16) {
 #define CALL_NN(MM) dq64 ? nn_bf16_range<MM, true>(gp, w, c, e, o, r0, r1) : nn_bf16_range<MM, false>(gp, w, c, e, o, r0, r1)
           FOURBIT_SWITCH_M(M, CALL_NN)
@@ -1336,34 +1446,15 @@ torch::Tensor matmul_nn(torch::Tensor g, torch::Tensor packed, torch::Tensor abs
     });
     // task 0's sums plus the others' (in task order), even and odd columns interleaved, in the output dtype
     auto out = torch::empty({M, K}, g.options().dtype(bf16_out ? torch::kBFloat16 : torch::kFloat32));
-    auto reduce = [&](auto* dst) {
-      using OutT = std::remove_pointer_t<decltype(dst)>;
-      at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-        alignas(64) float sums[2][512];
-        for (int64_t m = m0; m < m1; ++m)
-          for (int64_t j0 = 0; j0 < half; j0 += 512) {
-            const int64_t n = std::min<int64_t>(512, half - j0);
-            for (int h = 0; h < 2; ++h) {
-              const float* first = pp + h * M * half + m * half + j0;
-              std::copy(first, first + n, sums[h]);
-              if (tasks > 1) {
-                float more[512] = {};
-                for (int64_t t = 1; t < tasks; ++t)
-                  for (int64_t j = 0; j < n; ++j) more[j] += first[t * part + j];
-                for (int64_t j = 0; j < n; ++j) sums[h][j] += more[j];
-              }
-            }
-            for (int64_t j = 0; j < n; ++j) {
-              store_one<OutT>(dst, m * K + 2 * (j0 + j), sums[0][j]);
-              store_one<OutT>(dst, m * K + 2 * (j0 + j) + 1, sums[1][j]);
-            }
-          }
-      });
-    };
+    const int64_t grain = std::max<int64_t>(1, 4096 / K);
     if (bf16_out)
-      reduce(out.data_ptr<at::BFloat16>());
+      at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+        nn_reduce(pp, tasks, part, M, K, m0, m1, out.data_ptr<at::BFloat16>());
+      });
     else
-      reduce(out.data_ptr<float>());
+      at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+        nn_reduce(pp, tasks, part, M, K, m0, m1, out.data_ptr<float>());
+      });
     return out;
   }
 #endif
