@@ -256,6 +256,24 @@ def test_lean_step_equals_generate_for_each_decoder(tmp_path, model_type, lean):
     assert torch.equal(ours, theirs)
 
 
+def test_lean_step_with_native_decode_attention_equals_generate(tmp_path):
+    """head_dim 64 (the tiny models' is 16): the decode steps' attention runs in the native kernel, and the
+    left-padded batch still gets generate's tokens."""
+    from tiny_models import save_tiny_model
+
+    from fourbit.quant import native
+    from fourbit.serve.llama_step import LlamaStepper
+
+    if not native.decode_attention_ok():
+        pytest.skip("decode attention needs AVX-512")
+    folder = save_tiny_model(tmp_path / "llama64", "llama", hidden_size=128, num_attention_heads=2,
+                             num_key_value_heads=1)  # fmt: skip
+    model, tokenizer = fourbit.load(folder, progress=False)
+    assert LlamaStepper(model, batch=1, max_length=8).native_attention
+    ours, theirs = _both(model, tokenizer, _batch(tokenizer, PROMPTS), tokenizer.eos_token_id, max_new_tokens=10)
+    assert torch.equal(ours, theirs)
+
+
 def test_lean_step_cache_holds_what_it_was_sized_for(tiny_llama):
     from fourbit.serve.llama_step import LlamaStepper
 

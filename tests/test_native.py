@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -215,3 +216,28 @@ def test_dequantize_outputs_reuse_freed_pages():
     again = native.dequantize(q, torch.float32)  # the pool's, pooled installed or not
     assert again.data_ptr() == ptr and native.pool_stats()["hits"] == hits + 1
     assert torch.equal(again, expected) and torch.equal(expected, torch_kernels.dequantize(q, torch.float32))
+
+
+@pytest.mark.skipif(not native.decode_attention_ok(), reason="decode attention needs AVX-512")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(8, 3, 3, 64, 100), (1, 4, 1, 128, 17), (2, 2, 4, 64, 1), (3, 1, 8, 128, 250)])
+def test_decode_attention_matches_float64_sdpa(dtype, shape):
+    """One query per row, keys and values a view into a longer cache, with and without a padding mask: as close
+    to float64 attention as torch's own sdpa on the same inputs."""
+    b, kv, g, d, t = shape
+    gen = torch.Generator().manual_seed(t)
+    q = torch.randn(b, kv, g, d, generator=gen).to(dtype)
+    cache_k, cache_v = (torch.randn(b, kv, t + 30, d, generator=gen).to(dtype) for _ in range(2))
+    k, v = cache_k[:, :, :t], cache_v[:, :, :t]
+    mask = torch.zeros(b, 1, 1, t, dtype=dtype)
+    mask[0, ..., : t // 2] = float("-inf")
+    for m in (None, mask):
+        want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                              attn_mask=None if m is None else m.double(), scale=d**-0.5)  # fmt: skip
+        sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=d**-0.5)
+        got = native.decode_attention(q, k, v, m, d**-0.5)
+        assert got.dtype == dtype and got.shape == q.shape
+        bound = 1.5 * (sdpa.double() - want).abs().max().item() + (1e-6 if dtype == torch.float32 else 1e-3)
+        assert (got.double() - want).abs().max().item() <= bound
+    with pytest.raises(RuntimeError, match="head_dim 64 or 128"):
+        native.decode_attention(q[..., :32], k[..., :32], v[..., :32], None, 1.0)

@@ -22,7 +22,7 @@ from fourbit.quant import torch_kernels
 from fourbit.quant.codes import code_table, dynamic_map, rounding_table
 from fourbit.quant.tensor import QuantizedTensor
 
-SOURCES = [Path(__file__).with_name(name) for name in ("kernels.cpp", "dropout.cpp", "allocator.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("kernels.cpp", "dropout.cpp", "attention.cpp", "allocator.cpp")]
 # -fopenmp: at::parallel_for is OpenMP in torch's CPU wheels and runs serially in code compiled without it; the
 # library then needs libgomp.so.1, which resolves to the copy torch has already loaded (one runtime, one pool)
 CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
@@ -141,6 +141,19 @@ def matmul_dense_nt(x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x2d [M <= 16, K] @ weight.T for bf16 x2d and a dense bf16 weight [N, K] (K % 32 == 0), accumulated in fp32,
     returned in bf16."""
     return _module.matmul_dense_nt(x2d, weight).to(x2d.dtype)
+
+
+def decode_attention_ok() -> bool:
+    """Whether decode_attention runs on this CPU (AVX-512)."""
+    return available() and _module.decode_attention_ok()
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:  # fmt: skip
+    """softmax(q @ keys^T * scale + mask) @ values for one query position: q [B, KV, G, D] (the G query heads of each
+    key head), keys and values [B, KV, T, D] with contiguous rows (a view into a longer cache is fine), an additive
+    mask [B or 1, 1, 1, T] or None; D 64 or 128, one dtype (bf16 or fp32), computed in fp32. Returns [B, KV, G, D]."""
+    return _module.decode_attention(q, keys, values, mask, scale)
 
 
 def hash_dropout(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype | None = None) -> torch.Tensor:

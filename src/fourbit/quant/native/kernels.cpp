@@ -1503,6 +1503,10 @@ std::string cpu_path() { return has_bf16() ? "avx512-bf16" : (has_avx512() ? "av
 
 // defined in dropout.cpp
 torch::Tensor hash_dropout(torch::Tensor x, double p, int64_t seed, c10::optional<at::ScalarType> dtype);
+// defined in attention.cpp
+bool decode_attention_ok();
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tensor values,
+                               c10::optional<torch::Tensor> mask, double scale);
 bool pool_install(int64_t cap_bytes);
 void pool_uninstall();
 void pool_release();
@@ -1517,6 +1521,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_ok", &dense_ok, "whether matmul_dense_nt runs here (AVX512_BF16)");
   m.def("matmul_dense_nt", &matmul_dense_nt, "x @ W.T for bf16 x with at most 16 rows and a dense bf16 W");
   m.def("hash_dropout", &hash_dropout, "dropout whose mask is a hash of (seed, index)");
+  m.def("decode_attention_ok", &decode_attention_ok, "whether decode_attention runs here (AVX-512)");
+  m.def("decode_attention", &decode_attention, "attention for one query position per row (decoding)");
   m.def("pool_install", &pool_install, "route CPU allocations of 128 KiB and more through fourbit's pool");
   m.def("pool_uninstall", &pool_uninstall, "back to c10's default CPU allocator");
   m.def("pool_release", &pool_release, "unmap the pool's cached mappings");
