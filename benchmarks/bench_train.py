@@ -21,9 +21,9 @@ Per run, each in a fresh child process, stacks alternating:
   fourbit.serve.evaluate.exact_match.
 - switch: training right after generation and generation right after training (issue 6: bitsandbytes on a CPU
   keeps its inference layout once a model has generated and then trains through its inference kernel).
-  "train first": 1 warm-up step, K timed steps, a generation, K timed steps again -> speed after / before.
-  "generate first": a warm-up generation, a timed generation, K training steps, a timed generation ->
-  generation tok/s after training / before.
+  "train first": 1 warm-up step, then 3 times: K timed steps, a generation, K timed steps again -> median speed
+  after / before. "generate first": a warm-up generation, then 3 times: a timed generation, K training steps, a
+  timed generation -> median generation tok/s after training / before.
 Results: the "Fine-tuning the bundled model" section of docs/benchmarks.md and the "fine-tune" rows of
 docs/benchmarks.json (only when both stacks ran).
 """
@@ -46,6 +46,7 @@ WORK = Path("/tmp/fourbit-bench-train")
 MAX_LENGTH = 256
 HYPER = dict(epochs=1, rank=16, alpha=32, dropout=0.05, lr=1e-3, warmup_steps=3, max_grad_norm=0.3, seed=0)
 GEN_BATCH, GEN_MAX_NEW = 8, 64
+SWITCH_CYCLES = 3  # before / other mode / after, this many times in one process
 PEER = "transformers + bitsandbytes + PEFT (NF4 + double quant, prepare_model_for_kbit_training)"
 
 
@@ -303,18 +304,23 @@ def switch(stack: str, order: str, model_dir: str, train_path: str, test_path: s
         _generate(model, tokenizer, prompts, new_tokens, exact=True)
         return len(prompts) * new_tokens / (time.perf_counter() - start)
 
+    # The VM's speed drifts between seconds, so one timing on each side is too little: CYCLES times over, the
+    # measurement before, the other mode, the measurement right after; ratio = median(after) / median(before).
+    befores, afters = [], []
     if order == "train-first":
         step()  # warm-up
-        before = train_s()
-        gen_tok_s()
-        after = train_s()
-        _emit({"train_before_s": before, "train_after_s": after})
+        for _ in range(SWITCH_CYCLES):
+            befores.append(train_s())
+            gen_tok_s()
+            afters.append(train_s())
+        _emit({"train_before_s": statistics.median(befores), "train_after_s": statistics.median(afters)})
     else:
         gen_tok_s()  # warm-up
-        before = gen_tok_s()
-        train_s()
-        after = gen_tok_s()
-        _emit({"gen_before_tok_s": before, "gen_after_tok_s": after})
+        for _ in range(SWITCH_CYCLES):
+            befores.append(gen_tok_s())
+            train_s()
+            afters.append(gen_tok_s())
+        _emit({"gen_before_tok_s": statistics.median(befores), "gen_after_tok_s": statistics.median(afters)})
 
 
 # --- the parent --------------------------------------------------------------------------------------------------
@@ -457,9 +463,11 @@ def report(results: dict[str, list[dict]], setup: dict, args, command: str) -> N
               "lr 0). Accuracy: `PeftModel.from_pretrained` on the same 4-bit base in a fresh process, eval mode, "
               "`generate(do_sample=False, max_new_tokens=64)`, left padding, the same prompts and batches of 8, "
               "scored by `fourbit.serve.evaluate.exact_match`.", "",
-              "Switching: \"train first\" = load, a fresh adapter and optimizer, 1 warm-up step, "
-              f"{args.switch_steps} timed steps, one generation, {args.switch_steps} timed steps; \"generate first\" "
-              f"= a warm-up generation, a timed generation, {args.switch_steps} training steps, a timed generation. "
+              "Switching: \"train first\" = load, a fresh adapter and optimizer, 1 warm-up step, then "
+              f"{SWITCH_CYCLES} times: {args.switch_steps} timed steps, one generation, {args.switch_steps} timed "
+              f"steps; \"generate first\" = a warm-up generation, then {SWITCH_CYCLES} times: a timed generation, "
+              f"{args.switch_steps} training steps, a timed generation. Each side is the median of its "
+              f"{SWITCH_CYCLES} timings, so every \"after\" comes right after the other mode. "
               f"Training steps use the first {args.batch_size} training examples padded, for both stacks (fourbit: "
               "its trainer's accumulate_gradients over its LossModule, PagedAdamW, gradient clipping). On a CPU "
               "with AVX512-BF16, bitsandbytes repacks each Linear4bit for its inference kernel at the first "
