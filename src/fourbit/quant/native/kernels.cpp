@@ -1018,7 +1018,8 @@ AVX512BF16 void nn_bf16_cols(const void* g_, int64_t ldg, const Weights& w, cons
       ae[h][m] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(oe + m * half + c / 2 + 16 * h);
       ao[h][m] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(oo + m * half + c / 2 + 16 * h);
     }
-  for (int64_t n = n0; n < n1; n += 2) {
+  // decodes pair n's H halves (and fetches the next tile's share for it)
+  auto decode = [&](int64_t n, __m512bh* even, __m512bh* odd) AVX512BF16 __attribute__((always_inline)) {
     const uint8_t* p0 = w.row(n) + c / 2;
     const uint8_t* p1 = p0 + half;
     prefetch_pair<H>(next, (n - n0) / 2);
@@ -1037,13 +1038,14 @@ AVX512BF16 void nn_bf16_cols(const void* g_, int64_t ldg, const Weights& w, cons
       a = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0)));
       b = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p1)));
     }
-    __m512bh even[H], odd[H];
     for (int h = 0; h < H; ++h) {
       __m512i ie, io;
       pair_indices(a, b, _mm512_load_si512(kPairBytes[h].b), &ie, &io);
       even[h] = (__m512bh)_mm512_permutexvar_epi16(ie, tab[h / 2]);
       odd[h] = (__m512bh)_mm512_permutexvar_epi16(io, tab[h / 2]);
     }
+  };
+  auto multiply = [&](int64_t n, const __m512bh* even, const __m512bh* odd) AVX512BF16 __attribute__((always_inline)) {
     for (int m = 0; m < G; ++m) {
       int32_t gg;
       std::memcpy(&gg, g + n * ldg + 2 * m, 4);
@@ -1052,6 +1054,22 @@ AVX512BF16 void nn_bf16_cols(const void* g_, int64_t ldg, const Weights& w, cons
         ae[h][m] = _mm512_dpbf16_ps(ae[h][m], gm, even[h]);
         ao[h][m] = _mm512_dpbf16_ps(ao[h][m], gm, odd[h]);
       }
+    }
+  };
+  if constexpr (H <= 2) {  // the next pair decoded before this pair's multiply-adds are issued (see nt_f32_rows)
+    __m512bh even[H], odd[H];
+    decode(n0, even, odd);
+    for (int64_t n = n0; n < n1; n += 2) {
+      __m512bh next_even[H], next_odd[H];
+      if (n + 2 < n1) decode(n + 2, next_even, next_odd);
+      multiply(n, even, odd);
+      for (int h = 0; h < H; ++h) even[h] = next_even[h], odd[h] = next_odd[h];
+    }
+  } else {  // H = 4: 8 decoded vectors; twice that beside the accumulators would not fit the registers
+    for (int64_t n = n0; n < n1; n += 2) {
+      __m512bh even[H], odd[H];
+      decode(n, even, odd);
+      multiply(n, even, odd);
     }
   }
   for (int h = 0; h < H; ++h)
