@@ -21,9 +21,9 @@ Per run, each in a fresh child process, stacks alternating:
   fourbit.serve.evaluate.exact_match.
 - switch: training right after generation and generation right after training (issue 6: bitsandbytes on a CPU
   keeps its inference layout once a model has generated and then trains through its inference kernel).
-  "train first": 1 warm-up step, then 3 times: K timed steps, a generation, K timed steps again -> median speed
-  after / before. "generate first": a warm-up generation, then 3 times: a timed generation, K training steps, a
-  timed generation -> median generation tok/s after training / before.
+  "train first": 1 warm-up step, then SWITCH_CYCLES (3) times: K timed steps, a generation, K timed steps again
+  -> median speed after / before. "generate first": a warm-up generation, then SWITCH_CYCLES times: a timed
+  generation, K training steps, a timed generation -> median generation tok/s after training / before.
 Results: the "Fine-tuning the bundled model" section of docs/benchmarks.md and the "fine-tune" rows of
 docs/benchmarks.json (only when both stacks ran).
 """

@@ -1278,8 +1278,6 @@ AVX512 const uint32_t* x_in_pairs(const uint32_t* x, int64_t M, int64_t K, std::
   return dst;
 }
 
-// x: [M, K] fp32, bf16 or fp16, M <= 16. Returns x @ W.T [M, N]: bf16 for bf16 x on the vector paths (rounded once
-// from the fp32 sums), else fp32.
 // [begin, end) in chunks of at least `grain`, about four per thread, each taken by whichever task is free: when one
 // core runs slower than the other (on this VM one of the two often runs 25-30% slower for seconds at a time, a
 // neighbour on its sibling), the faster takes more of the work instead of waiting for it (x @ W^T at 8 rows, processes
@@ -1298,6 +1296,8 @@ void parallel_chunks(int64_t begin, int64_t end, int64_t grain, const F& fn) {
   });
 }
 
+// x: [M, K] fp32, bf16 or fp16, M <= 16. Returns x @ W.T [M, N]: bf16 for bf16 x on the vector paths (rounded once
+// from the fp32 sums), else fp32.
 torch::Tensor matmul_nt(torch::Tensor x, torch::Tensor packed, torch::Tensor absmax, c10::optional<torch::Tensor> nested,
                         c10::optional<torch::Tensor> dynmap, double offset, torch::Tensor code, int64_t blocksize,
                         int64_t N, int64_t K) {
