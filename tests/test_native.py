@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels 
 
 
 def test_builds_and_dispatches():
-    assert native.cpu_path() in ("avx512-bf16", "avx512", "scalar")
+    assert native.cpu_path() in ("avx512-amx", "avx512-bf16", "avx512", "scalar")
 
 
 @settings(max_examples=60, deadline=None)

@@ -22,6 +22,13 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define FOURBIT_X86 1
+// the tile unit (AMX) needs the compiler's intrinsics (GCC 11, clang 12) and the OS's consent (Linux: arch_prctl)
+#if defined(__linux__) && ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define FOURBIT_AMX 1
+#endif
 #endif
 
 namespace {
@@ -170,14 +177,15 @@ AVX512 void quantize_avx512(const T* x, int64_t n, int64_t blocksize, const floa
 }
 #endif
 
-// FOURBIT_CPU_PATH=scalar or =avx512 caps the vector paths below what the CPU has, so the tests can run every path
-// on one machine
+// FOURBIT_CPU_PATH=scalar, =avx512 or =avx512-bf16 caps the vector paths below what the CPU has, so the tests can
+// run every path on one machine
 int cpu_cap() {
   static const int cap = [] {
     const char* env = std::getenv("FOURBIT_CPU_PATH");
     if (env && std::strcmp(env, "scalar") == 0) return 0;
     if (env && std::strcmp(env, "avx512") == 0) return 1;
-    return 2;
+    if (env && std::strcmp(env, "avx512-bf16") == 0) return 2;
+    return 3;
   }();
   return cap;
 }
@@ -204,6 +212,22 @@ bool has_vbmi() {  // byte shuffles: dequantize's spread, the pairing of two row
 bool has_bf16() {  // vdpbf16ps: the bf16 fused products
 #ifdef FOURBIT_X86
   static const bool ok = has_vbmi() && __builtin_cpu_supports("avx512bf16");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool has_amx() {  // the tile unit's bf16 products (AMX-TILE, AMX-BF16)
+#ifdef FOURBIT_AMX
+  // Linux hands the tile registers' state only to a process that asks for it (arch_prctl, kernel 5.16+)
+  static const bool ok = [] {
+    if (cpu_cap() < 3 || !has_bf16()) return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1) || !((d >> 24) & 1)) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
   return ok;
 #else
   return false;
@@ -1144,6 +1168,198 @@ void nn_f32_range(const void* g, const Weights& w, const float* code, float* oe,
   }
 }
 
+#ifdef FOURBIT_AMX
+// ---------------------------------------------------------------------------------------------------------------
+// AMX (Sapphire Rapids and later): the bf16 path's decode (the same scaled tables, the same bf16 weights) written to
+// small tiles in L1 and multiplied by the tile unit, TDPBF16PS (C[16 x 16] += A[16 x 32] B[32 x 16], bf16 products
+// summed in fp32). One TDPBF16PS takes the place of up to 16 vdpbf16ps, so with up to 16 rows of activations the
+// products cost about what the decode costs, whatever M is (on a Xeon with AMX, 4096x4096 at 8 rows: 1.62 -> ? ms;
+// vdpbf16ps runs at about 1.5 cycles there, which made the multiply-adds, not the decode, the bound).
+//
+// x @ W^T: A = 16 rows of W (a 64-column step's even columns, then its odd ones: what the decode gives), B = x in
+// the matching pairs (B[p][m] = x[m][c+4p], x[m][c+4p+2] for the even tile), C = [16 rows of W][M]. g @ W: A = 32
+// columns of g as they are, B = pairs of rows of W (B[p] = W[2p][k], W[2p+1][k] over 16 columns k), C = [M][16 even or
+// odd columns], kept in the tasks' partial sums as the bf16 path keeps them.
+
+#define AMXBF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16,amx-tile,amx-bf16")))
+
+struct alignas(64) TileConfig {  // the 64-byte operand of LDTILECFG, palette 1
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  void set(int tile, int rows_, int colsb_) {
+    rows[tile] = static_cast<uint8_t>(rows_);
+    colsb[tile] = static_cast<uint16_t>(colsb_);
+  }
+};
+
+// Rows of W are short (K/2 bytes), so the hardware prefetcher does not run ahead of a walk over many of them: each
+// step fetches into L2 its share of the rows the walk reads next, [next, end), `lines` cache lines per step
+AMXBF16 inline void amx_prefetch(const uint8_t* next, const uint8_t* end, int64_t step, int lines) {
+  for (int i = 0; i < lines; ++i) {
+    const uint8_t* p = next + (step * lines + i) * 64;
+    if (p < end) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+  }
+}
+
+// x [M, K] bf16 into x @ W^T's B tiles: per 64-column step two tiles (even, odd) of [16 pairs][M]
+void x_in_amx_pairs(const uint16_t* x, int64_t M, int64_t K, uint32_t* xb) {
+  for (int64_t q = 0; q < K / 64; ++q)
+    for (int t = 0; t < 2; ++t)
+      for (int64_t p = 0; p < 16; ++p) {
+        uint32_t* dst = xb + ((q * 2 + t) * 16 + p) * M;
+        const int64_t k = q * 64 + 4 * p + t;
+        for (int64_t m = 0; m < M; ++m)
+          dst[m] = static_cast<uint32_t>(x[m * K + k]) | (static_cast<uint32_t>(x[m * K + k + 2]) << 16);
+      }
+}
+
+// a 64-column step of one row of W, decoded as the bf16 path does: its even columns, then its odd ones
+template <bool DQ64>
+AMXBF16 __attribute__((always_inline)) inline void amx_decode_row(const Weights& w, __m512 table, int64_t n, int64_t c,
+                                                                  uint16_t* even, uint16_t* odd) {
+  const __m512i tab = bf16_table(table, block_scale<DQ64>(w, n, c));
+  const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.row(n) + c / 2)));
+  _mm512_store_si512(even, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tab));
+  _mm512_store_si512(odd, _mm512_permutexvar_epi16(v, tab));
+}
+
+// G groups of 16 rows of W from row n, all K columns, into sums [G * 16][M]
+template <int G, bool DQ64>
+AMXBF16 void nt_amx_rows(const uint32_t* xb, int64_t M, const Weights& w, const float* code, int64_t n, float* sums) {
+  alignas(64) uint16_t buf[2][G][2][16 * 32];  // two sets, so a step's stores never wait on the last step's loads
+  const __m512 table = _mm512_loadu_ps(code);
+  _tile_zero(0);
+  if constexpr (G == 2) _tile_zero(1);
+  const uint8_t* next = w.row(std::min(w.N, n + 16 * G));
+  const uint8_t* const end = w.row(std::min(w.N, n + 32 * G));
+  for (int64_t c = 0, q = 0; c < w.K; c += 64, ++q) {
+    amx_prefetch(next, end, q, 8 * G);  // the next G groups: 16 rows x 32 bytes per group and step
+    uint16_t(*const set)[2][16 * 32] = buf[q & 1];
+    for (int g = 0; g < G; ++g)
+      for (int r = 0; r < 16; ++r) amx_decode_row<DQ64>(w, table, n + 16 * g + r, c, set[g][0] + 32 * r, set[g][1] + 32 * r);
+    const uint32_t* b = xb + q * 32 * M;
+    _tile_loadd(6, b, 4 * M);
+    _tile_loadd(7, b + 16 * M, 4 * M);
+    _tile_loadd(2, set[0][0], 64);
+    _tile_loadd(3, set[0][1], 64);
+    _tile_dpbf16ps(0, 2, 6);
+    _tile_dpbf16ps(0, 3, 7);
+    if constexpr (G == 2) {
+      _tile_loadd(4, set[1][0], 64);
+      _tile_loadd(5, set[1][1], 64);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_dpbf16ps(1, 5, 7);
+    }
+  }
+  _tile_stored(0, sums, 4 * M);
+  if constexpr (G == 2) _tile_stored(1, sums + 16 * M, 4 * M);
+}
+
+// rows [n0, n1) of x @ W^T (n1 - n0 a multiple of 16) into out [M, N]
+template <bool DQ64, typename OutT>
+AMXBF16 void nt_amx_range(const uint32_t* xb, int64_t M, const Weights& w, const float* code, OutT* out, int64_t n0,
+                          int64_t n1) {
+  TileConfig cfg;
+  for (int t : {0, 1, 6, 7}) cfg.set(t, 16, 4 * M);
+  for (int t : {2, 3, 4, 5}) cfg.set(t, 16, 64);
+  _tile_loadconfig(&cfg);
+  alignas(64) float sums[32 * 16];
+  for (int64_t n = n0; n < n1;) {
+    const int64_t rows = n1 - n >= 32 ? 32 : 16;
+    if (rows == 32)
+      nt_amx_rows<2, DQ64>(xb, M, w, code, n, sums);
+    else
+      nt_amx_rows<1, DQ64>(xb, M, w, code, n, sums);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = 0; r < rows; ++r) store_one<OutT>(out, m * w.N + n + r, sums[r * M + m]);
+    n += rows;
+  }
+  _tile_release();
+}
+
+// g @ W: 64-column steps of a pair of rows of W as B tiles, their columns in natural order: word P of a decode holds
+// byte pi(P) of the step (below), so that interleaving two rows' decodes word by word within 128-bit lanes (unpack)
+// pairs columns 0-15 in one tile and 16-31 in the other, of the even columns and of the odd ones
+template <bool DQ64>
+AMXBF16 __attribute__((always_inline)) inline void amx_decode_pair(const Weights& w, __m512 table, __m512i spread,
+                                                                   int64_t n, int64_t c, uint16_t* const* b, int p) {
+  __m512i even[2], odd[2];
+  for (int r = 0; r < 2; ++r) {
+    const __m512i tab = bf16_table(table, block_scale<DQ64>(w, n + r, c));
+    const __m512i bytes = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.row(n + r) + c / 2)));
+    const __m512i v = _mm512_maskz_permutexvar_epi8(0x5555555555555555ULL, spread, bytes);
+    even[r] = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tab);
+    odd[r] = _mm512_permutexvar_epi16(v, tab);
+  }
+  _mm512_store_si512(b[0] + 32 * p, _mm512_unpacklo_epi16(even[0], even[1]));
+  _mm512_store_si512(b[1] + 32 * p, _mm512_unpackhi_epi16(even[0], even[1]));
+  _mm512_store_si512(b[2] + 32 * p, _mm512_unpacklo_epi16(odd[0], odd[1]));
+  _mm512_store_si512(b[3] + 32 * p, _mm512_unpackhi_epi16(odd[0], odd[1]));
+}
+
+// bf16 g [M, N] @ W over rows [r0, r1) of W (multiples of 32) into oe, oo (all K columns, which it overwrites), in
+// tiles of 128 rows as nn_bf16_range walks them
+template <bool DQ64>
+AMXBF16 void nn_amx_range(const uint16_t* g, int64_t M, const Weights& w, const float* code, float* oe, float* oo,
+                          int64_t r0, int64_t r1) {
+  TileConfig cfg;
+  for (int t = 0; t < 6; ++t) cfg.set(t, static_cast<int>(M), 64);  // 0-3 sums, 4 the columns of g
+  for (int t : {6, 7}) cfg.set(t, 16, 64);
+  _tile_loadconfig(&cfg);
+  alignas(64) int8_t spread_bytes[64];  // byte 2P <- byte pi(P); odd bytes are zeroed by the mask
+  for (int P = 0; P < 32; ++P) spread_bytes[2 * P] = spread_bytes[2 * P + 1] = static_cast<int8_t>(P % 8 < 4 ? P / 8 * 4 + P % 8 : 16 + P / 8 * 4 + P % 8 - 4);
+  const __m512i spread = _mm512_load_si512(spread_bytes);
+  const __m512 table = _mm512_loadu_ps(code);
+  const int64_t half = w.K / 2, stride = 4 * half;
+  alignas(64) uint16_t buf[2][4][16 * 32];
+  int set = 0;
+  constexpr int64_t TILE = 128;
+  for (int64_t t0 = r0; t0 < r1; t0 += TILE) {
+    const int64_t t1 = std::min(r1, t0 + TILE);
+    const uint8_t* next = w.row(std::min(w.N, t0 + TILE));
+    const uint8_t* const end = w.row(std::min(w.N, t0 + 2 * TILE));
+    for (int64_t c = 0; c < w.K; c += 64) {
+      amx_prefetch(next, end, c / 64, TILE / 2);  // the next tile: TILE rows x 32 bytes per step
+      float* e = oe + c / 2;
+      float* o = oo + c / 2;
+      if (t0 == r0) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      } else {
+        _tile_loadd(0, e, stride);
+        _tile_loadd(1, e + 16, stride);
+        _tile_loadd(2, o, stride);
+        _tile_loadd(3, o + 16, stride);
+      }
+      for (int64_t s = t0; s < t1; s += 32) {
+        uint16_t* b[4] = {buf[set][0], buf[set][1], buf[set][2], buf[set][3]};
+        set ^= 1;
+        for (int p = 0; p < 16; ++p) amx_decode_pair<DQ64>(w, table, spread, s + 2 * p, c, b, p);
+        _tile_loadd(4, g + s, 2 * w.N);
+        _tile_loadd(6, b[0], 64);
+        _tile_loadd(7, b[1], 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_loadd(6, b[2], 64);
+        _tile_loadd(7, b[3], 64);
+        _tile_dpbf16ps(2, 4, 6);
+        _tile_dpbf16ps(3, 4, 7);
+      }
+      _tile_stored(0, e, stride);
+      _tile_stored(1, e + 16, stride);
+      _tile_stored(2, o, stride);
+      _tile_stored(3, o + 16, stride);
+    }
+  }
+  _tile_release();
+}
+
+#endif  // FOURBIT_AMX
+
 #define FOURBIT_SWITCH_M(M, CALL)                                                                                    \
   switch (M) {                                                                                                       \
     case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; case 4: CALL(4); break;                  \
@@ -1321,6 +1537,25 @@ torch::Tensor matmul_nt(torch::Tensor x, torch::Tensor packed, torch::Tensor abs
                      [&](int64_t n0, int64_t n1) { matmul_nt_scalar(xe, xo, M, w, c, o, n0, n1); });
     return out;
   }
+#ifdef FOURBIT_AMX
+  if (bf16 && has_amx() && N % 16 == 0) {  // the tile unit, groups of 16 rows of W per chunk
+    thread_local std::vector<uint32_t> x_tiles;
+    uint32_t* xb = aligned_buffer(x_tiles, M * K / 2);
+    x_in_amx_pairs(reinterpret_cast<const uint16_t*>(x.data_ptr()), M, K, xb);
+    const bool dq64 = w.dq64();
+    auto run_amx = [&](auto* o) {
+      using OutT = std::remove_pointer_t<decltype(o)>;
+      parallel_chunks(0, N / 16, std::max<int64_t>(1, 4096 / K), [&](int64_t b0, int64_t b1) {
+        (dq64 ? nt_amx_range<true, OutT> : nt_amx_range<false, OutT>)(xb, M, w, c, o, b0 * 16, b1 * 16);
+      });
+    };
+    if (bf16_out)
+      run_amx(out.data_ptr<at::BFloat16>());
+    else
+      run_amx(out.data_ptr<float>());
+    return out;
+  }
+#endif
 #ifdef FOURBIT_X86
   // many rows of bf16 x: lanes over the rows of x (see nt_bcast_range) for whole blocks of rows of W, x as
   // [K/2 slots][16 rows] of column pairs; the rows of W past the last block, and every row with fewer rows of x,
@@ -1463,6 +1698,7 @@ torch::Tensor matmul_nn(torch::Tensor g, torch::Tensor packed, torch::Tensor abs
     const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
     const int64_t half = K / 2, part = 2 * M * half;
     const bool dq64 = w.dq64();  // see block_scale
+    const bool amx = bf16 && has_amx() && K % 64 == 0 && w.mask >= 63 && N % 32 == 0;
     thread_local std::vector<float> parts;
     float* pp = aligned_buffer(parts, tasks * part);
     at::parallel_for(0, tasks, 1, [&](int64_t a, int64_t b) {
@@ -1470,6 +1706,13 @@ torch::Tensor matmul_nn(torch::Tensor g, torch::Tensor packed, torch::Tensor abs
         const int64_t r0 = t * tiles / tasks * kNnTile, r1 = std::min(N, (t + 1) * tiles / tasks * kNnTile);
         float* e = pp + t * part;
         float* o = e + M * half;
+#ifdef FOURBIT_AMX
+        if (amx) {
+          const uint16_t* gb = reinterpret_cast<const uint16_t*>(g.data_ptr());
+          (dq64 ? nn_amx_range<true> : nn_amx_range<false>)(gb, M, w, c, e, o, r0, r1);
+          continue;
+        }
+#endif
         transpose_g(r0, r1);
         if (bf16) {
 #define CALL_NN(MM) dq64 ? nn_bf16_range<MM, true>(gp, w, c, e, o, r0, r1) : nn_bf16_range<MM, false>(gp, w, c, e, o, r0, r1)
@@ -1537,7 +1780,9 @@ torch::Tensor matmul_dense_nt(torch::Tensor x, torch::Tensor weight) {
   return out;
 }
 
-std::string cpu_path() { return has_bf16() ? "avx512-bf16" : (has_avx512() ? "avx512" : "scalar"); }
+std::string cpu_path() {
+  return has_amx() ? "avx512-amx" : (has_bf16() ? "avx512-bf16" : (has_avx512() ? "avx512" : "scalar"));
+}
 
 // defined in dropout.cpp
 torch::Tensor hash_dropout(torch::Tensor x, double p, int64_t seed, c10::optional<at::ScalarType> dtype);
