@@ -122,6 +122,20 @@ def test_bf16_product_is_dequantize_then_bf16_matmul(rows, blocksize, double_qua
     torch.testing.assert_close(linear_4bit_t(g, q), (g.double() @ wb).bfloat16(), rtol=8e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("n, k", [(96, 320), (160, 2304), (48, 128)])  # 48: x @ W^T on the tiles, g @ W not
+@pytest.mark.parametrize("blocksize, double_quant", [(64, True), (64, False), (128, True), (256, False)])
+def test_tile_unit_products(n, k, blocksize, double_quant):
+    """Shapes the AMX path takes where the CPU has it (rows of W in groups of 16, 32 for g @ W; K % 64 == 0), from 2
+    rows up; elsewhere the vdpbf16ps path. Either way: dequantize's bf16 weights times bf16 activations, fp32 sums."""
+    torch.manual_seed(n + blocksize)
+    q = fourbit.quantize_4bit(torch.randn(n, k), "nf4", blocksize, double_quant)
+    wb = q.dequantize(torch.bfloat16).double()
+    for rows in (2, 5, 8, 9, 16):
+        x, g = torch.randn(rows, k).bfloat16(), torch.randn(rows, n).bfloat16()
+        torch.testing.assert_close(linear_4bit(x, q), (x.double() @ wb.t()).bfloat16(), rtol=8e-3, atol=1e-6)
+        torch.testing.assert_close(linear_4bit_t(g, q), (g.double() @ wb).bfloat16(), rtol=8e-3, atol=1e-6)
+
+
 _PATH_CHECK = """
 import torch, fourbit
 from fourbit.quant import native, torch_kernels, use_kernels
@@ -149,12 +163,14 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("path", ["scalar", "avx512"])
+@pytest.mark.parametrize("path", ["scalar", "avx512", "avx512-bf16"])
 def test_every_cpu_path(path):
-    """The portable path and the AVX-512 one without BF16/VBMI, forced on this CPU (in a fresh process: the choice
-    is made once per process)."""
+    """The portable path, the AVX-512 one without BF16/VBMI and, on a CPU with AMX, the vdpbf16ps one, forced on
+    this CPU (in a fresh process: the choice is made once per process)."""
     if path == "avx512" and native.cpu_path() == "scalar":
         pytest.skip("no AVX-512 here")
+    if path == "avx512-bf16" and native.cpu_path() != "avx512-amx":
+        pytest.skip("no AMX here: avx512-bf16, if the CPU has it, is the default path the other tests run")
     env = {**os.environ, "FOURBIT_CPU_PATH": path}
     done = subprocess.run([sys.executable, "-c", _PATH_CHECK.format(path=path)], env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
