@@ -7,7 +7,7 @@ Work is equal across stacks: the same chat prompts (the first 8 of data/demo/tes
 batch 1 is the first alone, batch 8 all of them, left-padded), tokenized once the same way, and exactly `--new-tokens`
 new tokens per row (EOS is held off with min_new_tokens, so no row stops early). tokens/s = batch x new tokens / wall
 time of the whole generation call, prefill included, for every stack alike; one short warm-up call per batch size
-first. fourbit decodes through `fourbit.serve.generate.decode` (what `fourbit generate` and `fourbit eval` use); the
+first, then CALLS (3) timed calls, median. fourbit decodes through `fourbit.serve.generate.decode` (what `fourbit generate` and `fourbit eval` use); the
 others through `model.generate(do_sample=False)`.
 
 A sanity check (not timed) runs once: fourbit's greedy tokens (fp32 compute) against transformers' generate on the
@@ -31,6 +31,7 @@ from common import machine, record_results, today, write_section  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "demo" / "test.jsonl"
 BATCHES = (1, 8)
+CALLS = 3  # timed generations per batch size in each process, median (this VM's speed drifts within seconds)
 STACKS = {  # key: (label, dtype)
     "fourbit": ("fourbit (NF4 + double quant, bf16 compute)", "auto"),
     "bnb-bf16": ("transformers + bitsandbytes (NF4 + double quant, bf16 compute)", "bfloat16"),
@@ -100,11 +101,14 @@ def child(stack: str, new_tokens: int) -> None:
         for batch in BATCHES:
             inputs = _inputs(tokenizer, prompts[:batch])
             run(inputs, 4)  # warm-up: first-call allocations, kernel builds, caches
-            start = time.perf_counter()
-            out = run(inputs, new_tokens)
-            seconds = time.perf_counter() - start
-            assert out.shape == (batch, new_tokens), out.shape
-            result[f"b{batch}"] = batch * new_tokens / seconds
+            speeds = []
+            for _ in range(CALLS):
+                start = time.perf_counter()
+                out = run(inputs, new_tokens)
+                seconds = time.perf_counter() - start
+                assert out.shape == (batch, new_tokens), out.shape
+                speeds.append(batch * new_tokens / seconds)
+            result[f"b{batch}"] = statistics.median(speeds)
     print(json.dumps(result))
 
 
@@ -178,8 +182,8 @@ def main() -> None:
              f"Greedy decoding with the bundled SmolLM2-135M-Instruct: {args.new_tokens} new tokens per row, forced "
              "(EOS held off with min_new_tokens, so every stack does the same work), for the first chat prompt of "
              "data/demo/test.jsonl (batch 1) and the first 8 left-padded (batch 8). tokens/s = batch x new tokens / "
-             "wall time of the whole generation call, prefill included, after one short warm-up call; median of "
-             f"{args.repeats} alternating runs, each stack in a fresh process. fourbit decodes through its own loop "
+             "wall time of the whole generation call, prefill included, after one short warm-up call; in each "
+             f"process the median of {CALLS} calls, then the median of {args.repeats} alternating runs, each stack in a fresh process. fourbit decodes through its own loop "
              "(`fourbit.serve.generate.decode`, used by `fourbit generate` and `fourbit eval`), the others through "
              "`model.generate(do_sample=False)`.", "",
              "| | batch 1 tok/s | batch 8 tok/s |", "|---|---|---|"]  # fmt: skip
