@@ -7,8 +7,8 @@ Work is equal across stacks: the same chat prompts (the first 8 of data/demo/tes
 batch 1 is the first alone, batch 8 all of them, left-padded), tokenized once the same way, and exactly `--new-tokens`
 new tokens per row (EOS is held off with min_new_tokens, so no row stops early). tokens/s = batch x new tokens / wall
 time of the whole generation call, prefill included, for every stack alike; one short warm-up call per batch size
-first, then CALLS (3) timed calls, median. fourbit decodes through `fourbit.serve.generate.decode` (what `fourbit generate` and `fourbit eval` use); the
-others through `model.generate(do_sample=False)`.
+first, then CALLS (3) timed calls, median. fourbit decodes through `fourbit.serve.generate.decode` (what `fourbit
+generate` and `fourbit eval` use); the others through `model.generate(do_sample=False)`.
 
 A sanity check (not timed) runs once: fourbit's greedy tokens (fp32 compute) against transformers' generate on the
 same weights dequantized, for two prompts.
@@ -183,7 +183,8 @@ def main() -> None:
              "(EOS held off with min_new_tokens, so every stack does the same work), for the first chat prompt of "
              "data/demo/test.jsonl (batch 1) and the first 8 left-padded (batch 8). tokens/s = batch x new tokens / "
              "wall time of the whole generation call, prefill included, after one short warm-up call; in each "
-             f"process the median of {CALLS} calls, then the median of {args.repeats} alternating runs, each stack in a fresh process. fourbit decodes through its own loop "
+             f"process the median of {CALLS} calls, then the median of {args.repeats} alternating runs, each stack "
+             "in a fresh process. fourbit decodes through its own loop "
              "(`fourbit.serve.generate.decode`, used by `fourbit generate` and `fourbit eval`), the others through "
              "`model.generate(do_sample=False)`.", "",
              "| | batch 1 tok/s | batch 8 tok/s |", "|---|---|---|"]  # fmt: skip

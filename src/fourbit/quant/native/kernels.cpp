@@ -501,6 +501,15 @@ AVX512BF16 inline __m512i bf16_table(__m512 code, float scale) {
   return (__m512i)_mm512_cvtne2ps_pbh(v, v);
 }
 
+// a 64-column step of a row (its 32 bytes) looked up in the block's table: the 32 even columns, then the 32 odd ones
+// (the odd lookup reads only the low five index bits, and bf16_table repeats the table in both halves)
+AVX512BF16 __attribute__((always_inline)) inline void decode_step(const uint8_t* bytes, __m512i tab, __m512i& even,
+                                                                  __m512i& odd) {
+  const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
+  even = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tab);
+  odd = _mm512_permutexvar_epi16(v, tab);
+}
+
 // What a walk over rows fetches ahead (rows are only K/2 bytes, too short for the hardware prefetcher to run ahead:
 // without help a small-batch product waits on memory instead of overlapping it with the decode).
 // - kNextRows (one row of x): the rows the next group of R reads, a cache line of each as this group's walk
@@ -603,9 +612,10 @@ AVX512BF16 __attribute__((always_inline)) inline void nt_bf16_decode(const Weigh
     } else if (w.block_starts(n + r, c)) {
       tab[r] = bf16_table(table, w.scale_at(n + r, c));
     }
-    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.row(n + r) + c / 2)));
-    even[r] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tab[r]);
-    odd[r] = (__m512bh)_mm512_permutexvar_epi16(v, tab[r]);
+    __m512i e, o;
+    decode_step(w.row(n + r) + c / 2, tab[r], e, o);
+    even[r] = (__m512bh)e;
+    odd[r] = (__m512bh)o;
   }
 }
 
@@ -770,10 +780,8 @@ constexpr int kBcastMinRows = 12;
 // hold pairs 8L+t (L = 0..3, t = 0..3), slots 16-31 pairs 8L+4+t (bcast_pair_of is that order)
 AVX512BF16 __attribute__((always_inline)) inline void bcast_decode(__m512 table, const uint8_t* src, float scale,
                                                                    uint32_t* dst) {
-  const __m512i tab = bf16_table(table, scale);
-  const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
-  const __m512i e = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tab);
-  const __m512i o = _mm512_permutexvar_epi16(v, tab);
+  __m512i e, o;
+  decode_step(src, bf16_table(table, scale), e, o);
   _mm512_store_si512(dst, _mm512_unpacklo_epi16(e, o));
   _mm512_store_si512(dst + 16, _mm512_unpackhi_epi16(e, o));
 }
@@ -1229,14 +1237,14 @@ void x_in_amx_pairs(const uint16_t* x, int64_t M, int64_t K, uint32_t* xb) {
       }
 }
 
-// a 64-column step of one row of W, decoded as the bf16 path does: its even columns, then its odd ones
+// a 64-column step of one row of W, decoded as the bf16 path does (decode_step), into two rows of A tiles
 template <bool DQ64>
 AMXBF16 __attribute__((always_inline)) inline void amx_decode_row(const Weights& w, __m512 table, int64_t n, int64_t c,
                                                                   uint16_t* even, uint16_t* odd) {
-  const __m512i tab = bf16_table(table, block_scale<DQ64>(w, n, c));
-  const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.row(n) + c / 2)));
-  _mm512_store_si512(even, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tab));
-  _mm512_store_si512(odd, _mm512_permutexvar_epi16(v, tab));
+  __m512i e, o;
+  decode_step(w.row(n) + c / 2, bf16_table(table, block_scale<DQ64>(w, n, c)), e, o);
+  _mm512_store_si512(even, e);
+  _mm512_store_si512(odd, o);
 }
 
 // G groups of 16 rows of W from row n, all K columns, into sums [G * 16][M]. Software-pipelined: a step's tiles are
@@ -1306,9 +1314,10 @@ AMXBF16 void nt_amx_range(const uint32_t* xb, int64_t M, const Weights& w, const
   _tile_release();
 }
 
-// g @ W: 64-column steps of a pair of rows of W as B tiles, their columns in natural order: word P of a decode holds
-// byte pi(P) of the step (below), so that interleaving two rows' decodes word by word within 128-bit lanes (unpack)
-// pairs columns 0-15 in one tile and 16-31 in the other, of the even columns and of the odd ones
+// g @ W: 64-column steps of a pair of rows of W as B tiles, their columns in natural order: decode_step's lookups,
+// but from bytes spread by one vpermb instead of zero-extended in order. Word P of a decode holds byte pi(P) of the
+// step (below), so that interleaving two rows' decodes word by word within 128-bit lanes (unpack) pairs columns 0-15
+// in one tile and 16-31 in the other, of the even columns and of the odd ones
 template <bool DQ64>
 AMXBF16 __attribute__((always_inline)) inline void amx_decode_pair(const Weights& w, __m512 table, __m512i spread,
                                                                    int64_t n, int64_t c, uint16_t* const* b, int p) {
