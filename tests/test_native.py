@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels 
 
 
 def test_builds_and_dispatches():
-    assert native.cpu_path() in ("avx512-amx", "avx512-bf16", "avx512", "scalar")
+    assert native.cpu_path() in ("avx512-amx", "avx512-bf16", "avx512", "avx2", "scalar")
 
 
 @settings(max_examples=60, deadline=None)
@@ -163,14 +163,15 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("path", ["scalar", "avx512", "avx512-bf16"])
+@pytest.mark.parametrize("path", ["scalar", "avx2", "avx512", "avx512-bf16"])
 def test_every_cpu_path(path):
-    """The portable path, the AVX-512 one without BF16/VBMI and, on a CPU with AMX, the vdpbf16ps one, forced on
-    this CPU (in a fresh process: the choice is made once per process)."""
-    if path == "avx512" and native.cpu_path() == "scalar":
-        pytest.skip("no AVX-512 here")
-    if path == "avx512-bf16" and native.cpu_path() != "avx512-amx":
-        pytest.skip("no AMX here: avx512-bf16, if the CPU has it, is the default path the other tests run")
+    """The portable path, AVX2, the AVX-512 one without BF16/VBMI and, on a CPU with AMX, the vdpbf16ps one, forced
+    on this CPU (in a fresh process: the choice is made once per process)."""
+    order = ["scalar", "avx2", "avx512", "avx512-bf16", "avx512-amx"]
+    if path == native.cpu_path():
+        pytest.skip("the default path here, which the other tests run")
+    if order.index(path) > order.index(native.cpu_path()):
+        pytest.skip(f"this CPU has no {path}")
     env = {**os.environ, "FOURBIT_CPU_PATH": path}
     done = subprocess.run([sys.executable, "-c", _PATH_CHECK.format(path=path)], env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip

@@ -175,24 +175,108 @@ AVX512 void quantize_avx512(const T* x, int64_t n, int64_t blocksize, const floa
     }
   }
 }
+// AVX2 (with FMA and F16C): the x86-64 CPUs without AVX-512, such as AMD Zen 1-3. The same steps as the AVX-512
+// path, 8 lanes at a time.
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+AVX2 inline __m256 load8(const at::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+AVX2 inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+AVX2 inline float reduce_max8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+template <typename T>
+AVX2 void quantize_avx2(const T* x, int64_t n, int64_t blocksize, const float* mid, const uint8_t* order,
+                        uint8_t* packed, float* absmax, int64_t b0, int64_t b1, std::atomic<int64_t>* bad) {
+  const __m256 sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i exp_mask = _mm256_set1_epi32(0x7f800000);
+  __m256 mids[15];
+  for (int k = 0; k < 15; ++k) mids[k] = _mm256_set1_ps(mid[k]);
+  const __m128i order16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(order));
+  const __m256i order_v = _mm256_inserti128_si256(_mm256_castsi128_si256(order16), order16, 1);
+  const __m256i dword_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256 lo1 = _mm256_set1_ps(-1.f), hi1 = _mm256_set1_ps(1.f);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t start = b * blocksize;
+    if (start + blocksize > n) {  // the partial last block divides instead: scalar
+      quantize_scalar(x, n, blocksize, mid, order, packed, absmax, b, b + 1, bad);
+      continue;
+    }
+    __m256 vmax = _mm256_setzero_ps();
+    __m256i nonfinite = _mm256_setzero_si256();
+    for (int64_t i = start; i < start + blocksize; i += 8) {
+      const __m256 v = load8(x + i);
+      const __m256i e = _mm256_and_si256(_mm256_castps_si256(v), exp_mask);
+      nonfinite = _mm256_or_si256(nonfinite, _mm256_cmpeq_epi32(e, exp_mask));
+      vmax = _mm256_max_ps(vmax, _mm256_and_ps(v, sign_mask));
+    }
+    if (!_mm256_testz_si256(nonfinite, nonfinite)) {  // find the exact index in scalar code
+      quantize_scalar(x, n, blocksize, mid, order, packed, absmax, b, b + 1, bad);
+      continue;
+    }
+    const float amax = reduce_max8(vmax);
+    absmax[b] = amax;
+    const __m256 recip = _mm256_set1_ps(1.0f / std::max(amax, 1e-38f));
+    for (int64_t i = start; i < start + blocksize; i += 32) {
+      __m256i cnt[4];
+      for (int h = 0; h < 4; ++h) {
+        __m256 s = _mm256_mul_ps(load8(x + i + 8 * h), recip);
+        s = _mm256_min_ps(_mm256_max_ps(s, lo1), hi1);
+        __m256i c = _mm256_setzero_si256();
+        for (int k = 0; k < 15; ++k)  // a true comparison is -1
+          c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps(mids[k], s, _CMP_LT_OQ)));
+        cnt[h] = c;
+      }
+      // the 32 counts as bytes in element order: the packs work within 128-bit lanes, the dword permute undoes that
+      const __m256i words01 = _mm256_packus_epi32(cnt[0], cnt[1]), words23 = _mm256_packus_epi32(cnt[2], cnt[3]);
+      const __m256i ranks = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(words01, words23), dword_order);
+      const __m256i codes = _mm256_shuffle_epi8(order_v, ranks);
+      // word j holds element 2j (low byte) and 2j+1: the packed byte puts the even element in the high nibble
+      const __m256i pairs = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(codes, _mm256_set1_epi16(0xff)), 4),
+                                            _mm256_srli_epi16(codes, 8));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(packed + i / 2),
+                       _mm_packus_epi16(_mm256_castsi256_si128(pairs), _mm256_extracti128_si256(pairs, 1)));
+    }
+  }
+}
 #endif
 
-// FOURBIT_CPU_PATH=scalar, =avx512 or =avx512-bf16 caps the vector paths below what the CPU has, so the tests can
+// FOURBIT_CPU_PATH=scalar, =avx2, =avx512 or =avx512-bf16 caps the vector paths below what the CPU has, so the tests can
 // run every path on one machine
 int cpu_cap() {
   static const int cap = [] {
     const char* env = std::getenv("FOURBIT_CPU_PATH");
     if (env && std::strcmp(env, "scalar") == 0) return 0;
-    if (env && std::strcmp(env, "avx512") == 0) return 1;
-    if (env && std::strcmp(env, "avx512-bf16") == 0) return 2;
-    return 3;
+    if (env && std::strcmp(env, "avx2") == 0) return 1;
+    if (env && std::strcmp(env, "avx512") == 0) return 2;
+    if (env && std::strcmp(env, "avx512-bf16") == 0) return 3;
+    return 4;
   }();
   return cap;
 }
 
+bool has_avx2() {  // with FMA and F16C
+#ifdef FOURBIT_X86
+  static const bool ok = cpu_cap() >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 bool has_avx512() {
 #ifdef FOURBIT_X86
-  static const bool ok = cpu_cap() >= 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  static const bool ok = cpu_cap() >= 2 && has_avx2() && __builtin_cpu_supports("avx512f") &&
+                         __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   return ok;
 #else
@@ -202,7 +286,7 @@ bool has_avx512() {
 
 bool has_vbmi() {  // byte shuffles: dequantize's spread, the pairing of two rows in the bf16 g @ W
 #ifdef FOURBIT_X86
-  static const bool ok = cpu_cap() >= 2 && has_avx512() && __builtin_cpu_supports("avx512vbmi");
+  static const bool ok = cpu_cap() >= 3 && has_avx512() && __builtin_cpu_supports("avx512vbmi");
   return ok;
 #else
   return false;
@@ -222,7 +306,7 @@ bool has_amx() {  // the tile unit's bf16 products (AMX-TILE, AMX-BF16)
 #ifdef FOURBIT_AMX
   // Linux hands the tile registers' state only to a process that asks for it (arch_prctl, kernel 5.16+)
   static const bool ok = [] {
-    if (cpu_cap() < 3 || !has_bf16()) return false;
+    if (cpu_cap() < 4 || !has_bf16()) return false;
     unsigned a = 0, b = 0, c = 0, d = 0;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1) || !((d >> 24) & 1)) return false;
     constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
@@ -243,6 +327,10 @@ void quantize_dispatch(const T* x, int64_t n, int64_t blocksize, const float* mi
 #ifdef FOURBIT_X86
     if (has_avx512() && blocksize % 32 == 0) {
       quantize_avx512(x, n, blocksize, mid, order, packed, absmax, b0, b1, bad);
+      return;
+    }
+    if (has_avx2() && blocksize % 32 == 0) {
+      quantize_avx2(x, n, blocksize, mid, order, packed, absmax, b0, b1, bad);
       return;
     }
 #endif
@@ -400,6 +488,90 @@ AVX512VBMI void dequantize_vbmi(const uint8_t* packed, const Scales& scales, con
   }
   dequantize_scalar(packed, scales, code, blocksize, i, end, out + (i - start));
 }
+// AVX2: the scaled table's 16 values are looked up 8 lanes at a time, vpermps into each half and a blend on index
+// bit 3 (fp32, fp16 outputs), or as bf16 with vpshufb into two 16-byte tables, one per byte of the bf16 value.
+// the 32 codes of 16 packed bytes as bytes in element order (the even element is the high nibble), 16 and 16
+AVX2 inline void nibbles32(const uint8_t* bytes, __m128i* first16, __m128i* last16) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)), low4 = _mm_set1_epi8(15);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4), lo = _mm_and_si128(v, low4);
+  *first16 = _mm_unpacklo_epi8(hi, lo);
+  *last16 = _mm_unpackhi_epi8(hi, lo);
+}
+
+// table[idx] for 8 indices in 0..15 (dwords; vpermps reads the low 3 bits, the blend bit 3 moved to the sign)
+AVX2 __attribute__((always_inline)) inline __m256 lookup16(__m256 lo8, __m256 hi8, __m256i idx, __m256i bit3_at_sign) {
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo8, idx), _mm256_permutevar8x32_ps(hi8, idx),
+                          _mm256_castsi256_ps(bit3_at_sign));
+}
+
+AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+AVX2 inline void store8(at::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+// 8 floats rounded to bf16 bits (round to nearest even, as to_bf16_bits for finite values), one per dword
+AVX2 inline __m256i bf16_bits_x8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+}
+
+// the 16-entry scaled table rounded to bf16, as two vpshufb tables (low bytes, high bytes) in both 128-bit lanes
+AVX2 inline void bf16_byte_tables(__m256 lo8, __m256 hi8, __m256i* low_bytes, __m256i* high_bytes) {
+  const __m256i q = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits_x8(lo8), bf16_bits_x8(hi8)), 0xD8);
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  // [low bytes of values 0-7, 8-15, high bytes of 0-7, 8-15]
+  const __m256i planes = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(q, split), 0xD8);
+  *low_bytes = _mm256_permute2x128_si256(planes, planes, 0x00);
+  *high_bytes = _mm256_permute2x128_si256(planes, planes, 0x11);
+}
+
+AVX2 inline void dequant32_avx2(const uint8_t* bytes, __m256i low_bytes, __m256i high_bytes, at::BFloat16* out) {
+  __m128i first, last;
+  nibbles32(bytes, &first, &last);
+  const __m256i idx = _mm256_inserti128_si256(_mm256_castsi128_si256(first), last, 1);
+  const __m256i lo = _mm256_shuffle_epi8(low_bytes, idx), hi = _mm256_shuffle_epi8(high_bytes, idx);
+  const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);  // elements 0-7 16-23, 8-15 24-31
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute2x128_si256(a, b, 0x20));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+template <typename T>
+AVX2 inline void dequant32_avx2(const uint8_t* bytes, __m256 lo8, __m256 hi8, T* out) {
+  __m128i part[2];
+  nibbles32(bytes, &part[0], &part[1]);
+  for (int h = 0; h < 2; ++h)
+    for (int q = 0; q < 2; ++q) {
+      const __m256i idx = _mm256_cvtepu8_epi32(q ? _mm_unpackhi_epi64(part[h], part[h]) : part[h]);
+      store8(out + 16 * h + 8 * q, lookup16(lo8, hi8, idx, _mm256_slli_epi32(idx, 28)));
+    }
+}
+
+template <typename T>
+AVX2 void dequantize_avx2(const uint8_t* packed, const Scales& scales, const float* code, int64_t blocksize,
+                          int64_t start, int64_t end, T* out) {
+  const int64_t head = std::min(end, (start + 31) / 32 * 32);
+  dequantize_scalar(packed, scales, code, blocksize, start, head, out);
+  const int shift = __builtin_ctzll(blocksize);  // blocksizes are powers of two
+  const __m256 code_lo = _mm256_loadu_ps(code), code_hi = _mm256_loadu_ps(code + 8);
+  int64_t i = head;
+  while (i + 32 <= end) {
+    const int64_t block = i >> shift;
+    const int64_t stop = std::min(end, (block + 1) << shift);
+    const __m256 scale = _mm256_set1_ps(scales(block));
+    const __m256 lo8 = _mm256_mul_ps(code_lo, scale), hi8 = _mm256_mul_ps(code_hi, scale);
+    if constexpr (std::is_same<T, at::BFloat16>::value) {
+      __m256i low_bytes, high_bytes;
+      bf16_byte_tables(lo8, hi8, &low_bytes, &high_bytes);
+      for (; i + 32 <= stop; i += 32) dequant32_avx2(packed + i / 2, low_bytes, high_bytes, out + (i - start));
+    } else {
+      for (; i + 32 <= stop; i += 32) dequant32_avx2(packed + i / 2, lo8, hi8, out + (i - start));
+    }
+    if (i < stop) break;  // the range ends inside this block: the rest is the scalar tail
+  }
+  dequantize_scalar(packed, scales, code, blocksize, i, end, out + (i - start));
+}
 #endif
 
 template <typename T>
@@ -420,6 +592,10 @@ void dequantize_dispatch(const uint8_t* packed, const Scales& scales, const floa
       }
       if (has_avx512() && blocksize % 32 == 0) {
         dequantize_avx512(packed, scales, code, blocksize, s, e, out + (s - start));
+        continue;
+      }
+      if (has_avx2() && blocksize % 32 == 0) {
+        dequantize_avx2(packed, scales, code, blocksize, s, e, out + (s - start));
         continue;
       }
 #endif
@@ -457,8 +633,18 @@ struct Weights {
   bool dq64() const { return mask == 63 && scales.qabsmax != nullptr; }
 };
 
-void matmul_nt_scalar(const float* xe, const float* xo, int64_t M, const Weights& w, const float* code, float* out,
-                      int64_t n0, int64_t n1) {
+// a decoded weight, rounded to bf16 where the activations are bf16 (dequantize-to-bf16's weights, as the vector
+// paths multiply)
+inline float weight_value(float scaled, bool bf16w) {
+  if (!bf16w) return scaled;
+  const uint32_t bits = static_cast<uint32_t>(to_bf16_bits(scaled)) << 16;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+void matmul_nt_scalar(const float* xe, const float* xo, int64_t M, const Weights& w, const float* code, bool bf16w,
+                      float* out, int64_t n0, int64_t n1) {
   const int64_t half = w.K / 2;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.row(n);
@@ -466,7 +652,8 @@ void matmul_nt_scalar(const float* xe, const float* xo, int64_t M, const Weights
       float acc = 0.f;
       for (int64_t j = 0; j < half; ++j) {
         const float s = w.scale_at(n, 2 * j);
-        acc += xe[m * half + j] * (code[row[j] >> 4] * s) + xo[m * half + j] * (code[row[j] & 15] * s);
+        acc += xe[m * half + j] * weight_value(code[row[j] >> 4] * s, bf16w) +
+               xo[m * half + j] * weight_value(code[row[j] & 15] * s, bf16w);
       }
       out[m * w.N + n] = acc;
     }
@@ -474,14 +661,14 @@ void matmul_nt_scalar(const float* xe, const float* xo, int64_t M, const Weights
 }
 
 // accumulates into oe, oo (zeroed by the caller) the packed columns [j0, j1) (output columns 2 j0 .. 2 j1)
-void matmul_nn_scalar(const float* g, int64_t M, const Weights& w, const float* code, float* oe, float* oo,
-                      int64_t j0, int64_t j1) {
+void matmul_nn_scalar(const float* g, int64_t M, const Weights& w, const float* code, bool bf16w, float* oe,
+                      float* oo, int64_t j0, int64_t j1) {
   const int64_t half = w.K / 2;
   for (int64_t n = 0; n < w.N; ++n) {
     const uint8_t* row = w.row(n);
     for (int64_t j = j0; j < j1; ++j) {
       const float s = w.scale_at(n, 2 * j);
-      const float we = code[row[j] >> 4] * s, wo = code[row[j] & 15] * s;
+      const float we = weight_value(code[row[j] >> 4] * s, bf16w), wo = weight_value(code[row[j] & 15] * s, bf16w);
       for (int64_t m = 0; m < M; ++m) {
         oe[m * half + j] += g[m * w.N + n] * we;
         oo[m * half + j] += g[m * w.N + n] * wo;
@@ -1176,6 +1363,187 @@ void nn_f32_range(const void* g, const Weights& w, const float* code, float* oe,
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// AVX2 products (fp32 FMA, 8 lanes): the AVX-512 fp32 paths' layouts and order of work, with a 16-entry lookup
+// built from two 8-entry vpermps and a blend (lookup16). bf16 activations are widened to fp32 and multiply the
+// scaled table rounded to bf16 (BF16W): dequantize-to-bf16's weights, as on the vdpbf16ps path.
+
+template <bool BF16W>
+AVX2 __attribute__((always_inline)) inline void scaled_table8(__m256 code_lo, __m256 code_hi, float scale, __m256* lo,
+                                                              __m256* hi) {
+  const __m256 s = _mm256_set1_ps(scale);
+  *lo = _mm256_mul_ps(code_lo, s);
+  *hi = _mm256_mul_ps(code_hi, s);
+  if constexpr (BF16W) {
+    *lo = _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits_x8(*lo), 16));
+    *hi = _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits_x8(*hi), 16));
+  }
+}
+
+// 8 packed bytes of a row: its 8 even columns (high nibbles) and 8 odd ones, in the row's scaled table
+AVX2 __attribute__((always_inline)) inline void decode16(const uint8_t* bytes, const float* tab, __m256* even,
+                                                         __m256* odd) {
+  const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
+  const __m256 lo = _mm256_load_ps(tab), hi = _mm256_load_ps(tab + 8);
+  *even = lookup16(lo, hi, _mm256_srli_epi32(d, 4), _mm256_slli_epi32(d, 24));
+  *odd = lookup16(lo, hi, d, _mm256_slli_epi32(d, 28));
+}
+
+AVX2 inline float reduce_add8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// x @ W^T, rows n .. n+R of W over columns [k0, k1), x in 32-column steps (see nt_f32_rows), each step in two halves
+// of 8 bytes per row of W. The R*M accumulators (8 lanes each) stay in `acc_io` between K slices. As a 128-column
+// run starts, a cache line of each of the next R rows is fetched (see prefetch_ahead).
+template <int M, int R, bool BF16W>
+AVX2 void nt_avx2_rows(const float* xs, const Weights& w, const float* code, int64_t n, int64_t k0, int64_t k1,
+                       float* acc_io) {
+  const __m256 code_lo = _mm256_loadu_ps(code), code_hi = _mm256_loadu_ps(code + 8);
+  alignas(32) float tab[R][16];
+  __m256 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_loadu_ps(acc_io + (r * M + m) * 8);
+  for (int64_t c = k0; c < k1; c += 32) {
+    for (int r = 0; r < R; ++r) {
+      if (c == k0 || w.block_starts(n + r, c)) {
+        __m256 lo, hi;
+        scaled_table8<BF16W>(code_lo, code_hi, w.scale_at(n + r, c), &lo, &hi);
+        _mm256_store_ps(tab[r], lo);
+        _mm256_store_ps(tab[r] + 8, hi);
+      }
+      if ((c & 127) == 0 && n + r + R < w.N)
+        _mm_prefetch(reinterpret_cast<const char*>(w.row(n + r + R) + c / 2), _MM_HINT_T0);
+    }
+    const float* x = xs + c * M;  // this step's M rows: 16 even, 16 odd columns
+    for (int h = 0; h < 2; ++h) {
+      __m256 even[R], odd[R];
+      for (int r = 0; r < R; ++r) decode16(w.row(n + r) + c / 2 + 8 * h, tab[r], &even[r], &odd[r]);
+      for (int m = 0; m < M; ++m) {
+        const __m256 a = _mm256_loadu_ps(x + 32 * m + 8 * h), b = _mm256_loadu_ps(x + 32 * m + 16 + 8 * h);
+        for (int r = 0; r < R; ++r) {
+          acc[r][m] = _mm256_fmadd_ps(a, even[r], acc[r][m]);
+          acc[r][m] = _mm256_fmadd_ps(b, odd[r], acc[r][m]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) _mm256_storeu_ps(acc_io + (r * M + m) * 8, acc[r][m]);
+}
+
+// rows of W decoded together: R*M accumulators and 2R decoded vectors in the 16 vector registers
+constexpr int nt_avx2_rows_per_step(int M) { return M == 1 ? 4 : (M == 2 ? 3 : (M <= 4 ? 2 : 1)); }
+
+template <int G, bool BF16W>
+AVX2 void nt_avx2_group(const float* xs, const Weights& w, const float* code, int64_t t0, int64_t count, int64_t k0,
+                        int64_t k1, float* acc) {
+  constexpr int R = nt_avx2_rows_per_step(G);
+  int64_t r = 0;
+  for (; r + R <= count; r += R) nt_avx2_rows<G, R, BF16W>(xs, w, code, t0 + r, k0, k1, acc + r * G * 8);
+  for (; r < count; ++r) nt_avx2_rows<G, 1, BF16W>(xs, w, code, t0 + r, k0, k1, acc + r * G * 8);
+}
+
+// x @ W^T for output columns [n0, n1): tiles of 16 rows of W walked in K slices of x that fit L1; more than 8 rows of
+// x in two groups over the same tile and slice (see nt_range)
+template <int M, bool BF16W>
+AVX2 void nt_avx2_range(const float* xs, const float* xs2, const Weights& w, const float* code, float* out, int64_t n0,
+                        int64_t n1) {
+  constexpr int G1 = M > 8 ? 8 : M, G2 = M > 8 ? M - 8 : 0, T = 16;
+  const int64_t slice = std::min(w.K, std::max<int64_t>(32, 16384 / (M * 4) / 32 * 32));
+  alignas(32) float acc[T * M * 8];
+  float* acc2 = acc + T * G1 * 8;
+  for (int64_t t0 = n0; t0 < n1; t0 += T) {
+    const int64_t count = std::min<int64_t>(T, n1 - t0);
+    std::fill(acc, acc + T * M * 8, 0.f);
+    for (int64_t k0 = 0; k0 < w.K; k0 += slice) {
+      const int64_t k1 = std::min(w.K, k0 + slice);
+      nt_avx2_group<G1, BF16W>(xs, w, code, t0, count, k0, k1, acc);
+      if constexpr (G2 > 0) nt_avx2_group<G2, BF16W>(xs2, w, code, t0, count, k0, k1, acc2);
+    }
+    for (int64_t r = 0; r < count; ++r)
+      for (int m = 0; m < M; ++m) {
+        const float* a = m < G1 ? acc + (r * G1 + m) * 8 : acc2 + (r * G2 + m - G1) * 8;
+        out[m * w.N + t0 + r] = reduce_add8(_mm256_loadu_ps(a));
+      }
+  }
+}
+
+// g @ W: accumulators along K, 16 columns (8 even, 8 odd) for G rows of g (g transposed, g[n * ldg + m]); rows
+// [n0, n1) of W pass through them, each decoded weight multiplied by the broadcast g[m, n] (see nn_f32_cols)
+template <int G, bool BF16W>
+AVX2 void nn_avx2_cols(const float* g, int64_t ldg, const Weights& w, const float* code, int64_t n0, int64_t n1,
+                       int64_t c, float* oe, float* oo, bool first) {
+  const int64_t half = w.K / 2;
+  const __m256 code_lo = _mm256_loadu_ps(code), code_hi = _mm256_loadu_ps(code + 8);
+  __m256 ae[G], ao[G];
+  for (int m = 0; m < G; ++m) {
+    ae[m] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(oe + m * half + c / 2);
+    ao[m] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(oo + m * half + c / 2);
+  }
+  const bool new_line = (c & 127) == 0;
+  alignas(32) float tab[16];
+  for (int64_t n = n0; n < n1; ++n) {
+    if (new_line && n + 2 * kNnTile < w.N)
+      _mm_prefetch(reinterpret_cast<const char*>(w.row(n + 2 * kNnTile) + c / 2), _MM_HINT_T1);
+    __m256 lo, hi, even, odd;
+    scaled_table8<BF16W>(code_lo, code_hi, w.scale_at(n, c), &lo, &hi);
+    _mm256_store_ps(tab, lo);
+    _mm256_store_ps(tab + 8, hi);
+    decode16(w.row(n) + c / 2, tab, &even, &odd);
+    for (int m = 0; m < G; ++m) {
+      const __m256 gm = _mm256_broadcast_ss(g + n * ldg + m);
+      ae[m] = _mm256_fmadd_ps(gm, even, ae[m]);
+      ao[m] = _mm256_fmadd_ps(gm, odd, ao[m]);
+    }
+  }
+  for (int m = 0; m < G; ++m) {
+    _mm256_storeu_ps(oe + m * half + c / 2, ae[m]);
+    _mm256_storeu_ps(oo + m * half + c / 2, ao[m]);
+  }
+}
+
+// rows [r0, r1) of W into a task's partial sums oe, oo ([M, K/2] each): tiles of kNnTile rows, each over all columns
+// 16 at a time, in groups of at most 4 rows of g (8 accumulators)
+template <int M, bool BF16W>
+AVX2 void nn_avx2_range(const float* g, const Weights& w, const float* code, float* oe, float* oo, int64_t r0,
+                        int64_t r1) {
+  const int64_t half = w.K / 2;
+  for (int64_t t0 = r0; t0 < r1; t0 += kNnTile) {
+    const int64_t t1 = std::min(r1, t0 + kNnTile);
+    for (int64_t c = 0; c < w.K; c += 16)
+      for (int m0 = 0; m0 < M; m0 += 4) {
+        float* e = oe + m0 * half;
+        float* o = oo + m0 * half;
+        switch (std::min(4, M - m0)) {
+          case 1: nn_avx2_cols<1, BF16W>(g + m0, M, w, code, t0, t1, c, e, o, t0 == r0); break;
+          case 2: nn_avx2_cols<2, BF16W>(g + m0, M, w, code, t0, t1, c, e, o, t0 == r0); break;
+          case 3: nn_avx2_cols<3, BF16W>(g + m0, M, w, code, t0, t1, c, e, o, t0 == r0); break;
+          default: nn_avx2_cols<4, BF16W>(g + m0, M, w, code, t0, t1, c, e, o, t0 == r0); break;
+        }
+      }
+  }
+}
+
+// rows [m0, m1) of g @ W's output from the tasks' partial sums (task 0's plus the others', those added first, in task
+// order), even and odd columns interleaved (see nn_reduce)
+template <typename OutT>
+AVX2 void nn_reduce_avx2(const float* pp, int64_t tasks, int64_t part, int64_t M, int64_t K, int64_t m0, int64_t m1,
+                         OutT* dst) {
+  const int64_t half = K / 2;
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t j = 0; j < half; ++j)
+      for (int h = 0; h < 2; ++h) {
+        const float* first = pp + (h * M + m) * half + j;
+        float more = 0.f;
+        for (int64_t t = 1; t < tasks; ++t) more += first[t * part];
+        store_one<OutT>(dst, m * K + 2 * j + h, tasks > 1 ? first[0] + more : first[0]);
+      }
+}
+
 #ifdef FOURBIT_AMX
 // ---------------------------------------------------------------------------------------------------------------
 // AMX (Sapphire Rapids and later): the bf16 path's decode (the same scaled tables, the same bf16 weights) written to
@@ -1560,9 +1928,26 @@ torch::Tensor matmul_nt(torch::Tensor x, torch::Tensor packed, torch::Tensor abs
   auto out = torch::empty({M, N}, x.options().dtype(bf16_out ? torch::kBFloat16 : torch::kFloat32));
   if (M == 0 || N == 0) return out;
   if (K == 0) return out.zero_();
-  const bool bf16 = x.scalar_type() == torch::kBFloat16 && has_bf16() && K % 64 == 0 && blocksize >= 64;
+  const bool bf16_x = x.scalar_type() == torch::kBFloat16;
+  const bool bf16 = bf16_x && has_bf16() && K % 64 == 0 && blocksize >= 64;
   x = (bf16 ? x : x.to(torch::kFloat32)).contiguous();  // bf16 and fp16 widen to fp32 exactly
   const float* c = code.data_ptr<float>();
+#ifdef FOURBIT_X86
+  if (!has_avx512() && has_avx2()) {  // x in 32-column steps, rows 0-7 and 8-15 apart (see nt_avx2_range)
+    thread_local std::vector<float> avx2_steps[2];
+    const float* px = x.data_ptr<float>();
+    const float* xs = x_in_steps(px, 0, std::min<int64_t>(M, 8), K, 32, avx2_steps[0]);
+    const float* xs2 = M > 8 ? x_in_steps(px, 8, M, K, 32, avx2_steps[1]) : xs;
+    float* o = out.data_ptr<float>();
+    parallel_chunks(0, N, std::max<int64_t>(16, 65536 / K), [&](int64_t n0, int64_t n1) {
+#define CALL_NT(MM) \
+  bf16_x ? nt_avx2_range<MM, true>(xs, xs2, w, c, o, n0, n1) : nt_avx2_range<MM, false>(xs, xs2, w, c, o, n0, n1)
+      FOURBIT_SWITCH_M(M, CALL_NT)
+#undef CALL_NT
+    });
+    return out;
+  }
+#endif
   if (!has_avx512()) {  // the scalar path reads the even and odd columns apart, [M, K/2] each
     const torch::Tensor x_even = x.view({M, K / 2, 2}).select(2, 0).contiguous();
     const torch::Tensor x_odd = x.view({M, K / 2, 2}).select(2, 1).contiguous();
@@ -1570,7 +1955,7 @@ torch::Tensor matmul_nt(torch::Tensor x, torch::Tensor packed, torch::Tensor abs
     const float* xo = x_odd.data_ptr<float>();
     float* o = out.data_ptr<float>();
     at::parallel_for(0, N, std::max<int64_t>(16, 65536 / K),
-                     [&](int64_t n0, int64_t n1) { matmul_nt_scalar(xe, xo, M, w, c, o, n0, n1); });
+                     [&](int64_t n0, int64_t n1) { matmul_nt_scalar(xe, xo, M, w, c, bf16_x, o, n0, n1); });
     return out;
   }
 #ifdef FOURBIT_AMX
@@ -1703,8 +2088,9 @@ torch::Tensor matmul_nn(torch::Tensor g, torch::Tensor packed, torch::Tensor abs
   const bool bf16 = g.scalar_type() == torch::kBFloat16 && has_bf16() && N % 2 == 0;
   const float* c = code.data_ptr<float>();
 #ifdef FOURBIT_X86
-  if (has_avx512() && M > 0 && N > 0 && K > 0) {
-    const bool bf16_out = g.scalar_type() == torch::kBFloat16;
+  const bool bf16_g = g.scalar_type() == torch::kBFloat16;
+  if ((has_avx512() || has_avx2()) && M > 0 && N > 0 && K > 0) {
+    const bool bf16_out = bf16_g;
     g = (bf16 ? g : g.to(torch::kFloat32)).contiguous();
     // g transposed into a reused buffer, the values for one row of W (bf16: a pair of rows, [N/2][M][2]) together,
     // each task transposing the rows it multiplies; plain loops, since a handful of torch ops here cost more than a
@@ -1756,8 +2142,14 @@ torch::Tensor matmul_nn(torch::Tensor g, torch::Tensor packed, torch::Tensor abs
 #define CALL_NN(MM) dq64 ? nn_bf16_range<MM, true>(gp, w, c, e, o, r0, r1) : nn_bf16_range<MM, false>(gp, w, c, e, o, r0, r1)
           FOURBIT_SWITCH_M(M, CALL_NN)
 #undef CALL_NN
-        } else {
+        } else if (has_avx512()) {
 #define CALL_NN(MM) nn_f32_range<MM>(gp, w, c, e, o, r0, r1)
+          FOURBIT_SWITCH_M(M, CALL_NN)
+#undef CALL_NN
+        } else {
+          const float* gf = static_cast<const float*>(gp);
+#define CALL_NN(MM) \
+  bf16_g ? nn_avx2_range<MM, true>(gf, w, c, e, o, r0, r1) : nn_avx2_range<MM, false>(gf, w, c, e, o, r0, r1)
           FOURBIT_SWITCH_M(M, CALL_NN)
 #undef CALL_NN
         }
@@ -1766,14 +2158,18 @@ torch::Tensor matmul_nn(torch::Tensor g, torch::Tensor packed, torch::Tensor abs
     // task 0's sums plus the others' (in task order), even and odd columns interleaved, in the output dtype
     auto out = torch::empty({M, K}, g.options().dtype(bf16_out ? torch::kBFloat16 : torch::kFloat32));
     const int64_t grain = std::max<int64_t>(1, 4096 / K);
+    auto reduce = [&](auto* dst) {
+      at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+        if (has_avx512())
+          nn_reduce(pp, tasks, part, M, K, m0, m1, dst);
+        else
+          nn_reduce_avx2(pp, tasks, part, M, K, m0, m1, dst);
+      });
+    };
     if (bf16_out)
-      at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
-        nn_reduce(pp, tasks, part, M, K, m0, m1, out.data_ptr<at::BFloat16>());
-      });
+      reduce(out.data_ptr<at::BFloat16>());
     else
-      at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
-        nn_reduce(pp, tasks, part, M, K, m0, m1, out.data_ptr<float>());
-      });
+      reduce(out.data_ptr<float>());
     return out;
   }
 #endif
@@ -1785,7 +2181,7 @@ torch::Tensor matmul_nn(torch::Tensor g, torch::Tensor packed, torch::Tensor abs
     float* pe = oe.data_ptr<float>();
     float* po = oo.data_ptr<float>();
     at::parallel_for(0, K / 32, std::max<int64_t>(1, 65536 / (N * 32)), [&](int64_t u0, int64_t u1) {
-      matmul_nn_scalar(g.data_ptr<float>(), M, w, c, pe, po, u0 * 16, u1 * 16);
+      matmul_nn_scalar(g.data_ptr<float>(), M, w, c, bf16_g, pe, po, u0 * 16, u1 * 16);
     });
   }
   return torch::stack({oe, oo}, 2).view({M, K});  // the kernels keep even and odd columns apart
@@ -1819,7 +2215,10 @@ torch::Tensor matmul_dense_nt(torch::Tensor x, torch::Tensor weight) {
 }
 
 std::string cpu_path() {
-  return has_amx() ? "avx512-amx" : (has_bf16() ? "avx512-bf16" : (has_avx512() ? "avx512" : "scalar"));
+  if (has_amx()) return "avx512-amx";
+  if (has_bf16()) return "avx512-bf16";
+  if (has_avx512()) return "avx512";
+  return has_avx2() ? "avx2" : "scalar";
 }
 
 // defined in dropout.cpp
