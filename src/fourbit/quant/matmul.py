@@ -81,8 +81,13 @@ def linear_4bit_t(g: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     kernels = kernels_for(g.device)
     if _fused(kernels, g2d.shape[0], q):
         out = kernels.matmul_nn(g2d, q)
-    else:
+    elif len(_row_tiles(q)) == 1 or g.dtype == torch.float32:
         out = g2d.new_zeros(g2d.shape[0], k)
         for r0, r1, tile in _tiles(q, g.dtype, g.device):
             out.addmm_(g2d[:, r0:r1], tile)
+    else:  # 16-bit tiles' products summed in fp32: a 16-bit running sum would be rounded once per tile
+        out = g2d.new_zeros(g2d.shape[0], k, dtype=torch.float32)
+        for r0, r1, tile in _tiles(q, g.dtype, g.device):
+            out += g2d[:, r0:r1] @ tile
+        out = out.to(g.dtype)
     return out if g.dim() == 2 else out.view(*g.shape[:-1], k)
