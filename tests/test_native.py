@@ -142,7 +142,7 @@ from fourbit.quant import native, torch_kernels, use_kernels
 from fourbit.quant.matmul import linear_4bit, linear_4bit_t
 assert native.cpu_path() == "{path}", native.cpu_path()
 torch.manual_seed(0)
-for n, k, bs in ((48, 192, 64), (37, 96, 32), (20, 128, 4096)):
+for n, k, bs in ((48, 192, 64), (37, 96, 32), (20, 128, 4096), (160, 2304, 64)):  # the last: K slices, row tiles
     w = torch.randn(n, k)
     with use_kernels("native"):
         q = fourbit.quantize_4bit(w, "nf4", bs, True)
