@@ -3,7 +3,7 @@
 Two paths, chosen by the number of rows M of the activation:
 - small M (decoding, small micro-batches): a fused decode-and-multiply kernel, bandwidth-bound (native only);
 - large M (training): dequantize a tile of W's rows into the activation's dtype and let torch's matmul run on it,
-  tile by tile, so at most one tile of W is ever dense.
+  tile by tile, so at most one tile of W is ever dense (g @ W sums 16-bit tiles' products in fp32).
 """
 
 from __future__ import annotations
