@@ -1,6 +1,7 @@
 """Loading Hugging Face checkpoints in 4 bits, the bitsandbytes checkpoint layout both ways, and bad input."""
 
 import json
+import re
 import warnings
 
 import pytest
@@ -217,3 +218,16 @@ def test_gguf_that_is_not_a_model_is_one_clear_error(tmp_path):
     writer.close()
     with pytest.raises(ValueError, match="bert.gguf"):
         fourbit.load(tmp_path / "bert.gguf", progress=False)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_non_finite_scale_in_4bit_checkpoint(tiny_dirs, tmp_path, double_quant):
+    """A NaN block scale in a pre-quantized checkpoint is refused at load, naming the tensor and the block, instead of
+    decoding its block to NaN (or to zero where the decode rounds to bf16)."""
+    out = quantize_checkpoint(tiny_dirs["llama"], tmp_path / "q4", double_quant=double_quant, progress=False)
+    tensors = load_file(out / "model.safetensors")
+    key = "model.layers.0.mlp.up_proj.weight." + ("nested_absmax" if double_quant else "absmax")
+    tensors[key][0] = float("nan")
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape(key) + r"\[0\] is nan; scales must be finite"):
+        fourbit.load(out, progress=False)

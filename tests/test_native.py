@@ -159,8 +159,25 @@ for n, k, bs in ((48, 192, 64), (37, 96, 32), (20, 128, 4096), (160, 2304, 64)):
             y, gx = linear_4bit(x, q).double(), linear_4bit_t(g, q).double()
             assert (y - want_y).abs().max() / want_y.abs().max() < tol, (m, dtype)
             assert (gx - want_gx).abs().max() / want_gx.abs().max() < tol, (m, dtype)
+# bf16 activations multiply exactly dequantize's bf16 weights on every path: with small-integer activations the fp32
+# sums are exact, so the result is the exact product rounded once to the output dtype
+for n, k, bs in ((64, 96, 64), (64, 128, 64), (64, 128, 32)):  # K = 96 and blocks of 32: fp32 paths on bf16 CPUs
+    q = fourbit.quantize_4bit(torch.randn(n, k), "nf4", bs, False)
+    wb = q.dequantize(torch.bfloat16).double()
+    for m in (1, 2, 9):
+        x, g = torch.randint(-3, 4, (m, k)).bfloat16(), torch.randint(-3, 4, (m, n)).bfloat16()
+        y, gx = linear_4bit(x, q), linear_4bit_t(g, q)
+        assert torch.equal(y, (x.double() @ wb.t()).to(y.dtype)), (n, k, bs, m)
+        assert torch.equal(gx, (g.double() @ wb).to(gx.dtype)), (n, k, bs, m)
 print("ok")
 """
+
+
+def test_bf16_activations_multiply_dequantized_bf16_weights_here():
+    """The forced-path check (quantize, dequantize, the products, bf16 exactness) on this CPU's own path."""
+    done = subprocess.run([sys.executable, "-c", _PATH_CHECK.format(path=native.cpu_path())], capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("path", ["scalar", "avx2", "avx512", "avx512-bf16"])

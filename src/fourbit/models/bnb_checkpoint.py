@@ -14,6 +14,7 @@ and config.json carries a `quantization_config` with `quant_method: "bitsandbyte
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
@@ -100,6 +101,13 @@ def from_bnb_tensors(prefix: str, tensors: dict[str, torch.Tensor], where: str =
         )
     if q.absmax.numel() != q.n_blocks:
         raise ValueError(f"{where}: {prefix}weight.absmax has {q.absmax.numel()} entries, expected {q.n_blocks}")
+    # a NaN or infinite scale would decode its whole block to NaN (or, on paths that round to bf16, to zero): refuse it
+    scale_key, scales = ("weight.nested_absmax", q.nested_absmax) if q.double_quant else ("weight.absmax", q.absmax)
+    bad = (~torch.isfinite(scales.float())).nonzero()
+    if bad.numel():
+        raise ValueError(f"{where}: {prefix}{scale_key}[{bad[0].item()}] is {scales[bad[0]].item()}; scales must be finite")
+    if q.double_quant and not math.isfinite(q.nested_offset):
+        raise ValueError(f"{where}: {prefix}{QUANT_STATE_SUFFIX}{q.quant_type} has nested_offset {q.nested_offset}; it must be finite")
     return q
 
 

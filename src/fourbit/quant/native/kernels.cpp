@@ -509,11 +509,15 @@ AVX2 inline void store8(at::Half* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
 
-// 8 floats rounded to bf16 bits (round to nearest even, as to_bf16_bits for finite values), one per dword
+// 8 floats rounded to bf16 bits as to_bf16_bits rounds them (nearest even; inf and nan kept), one per dword
 AVX2 inline __m256i bf16_bits_x8(__m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
+  const __m256i u = _mm256_castps_si256(v), exponent = _mm256_set1_epi32(0x7f800000);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  return _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+  const __m256i special = _mm256_cmpeq_epi32(_mm256_and_si256(u, exponent), exponent);
+  const __m256i no_payload = _mm256_cmpeq_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0xffff)), _mm256_setzero_si256());
+  const __m256i kept = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_andnot_si256(no_payload, _mm256_set1_epi32(0x40)));
+  return _mm256_blendv_epi8(rounded, kept, special);
 }
 
 // the 16-entry scaled table rounded to bf16, as two vpshufb tables (low bytes, high bytes) in both 128-bit lanes
@@ -625,6 +629,7 @@ struct Weights {
   int64_t N, K;
   int shift;      // log2(blocksize): blocksizes are powers of two
   int64_t mask;   // blocksize - 1
+  bool bf16w = false;  // bf16 activations on an fp32 path: multiply the scaled table rounded to bf16, as dequantize does
 
   float scale_at(int64_t n, int64_t c) const { return scales((n * K + c) >> shift); }
   bool block_starts(int64_t n, int64_t c) const { return ((n * K + c) & mask) == 0; }
@@ -680,7 +685,20 @@ void matmul_nn_scalar(const float* g, int64_t M, const Weights& w, const float* 
 #ifdef FOURBIT_X86
 #define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16")))
 
-AVX512 inline __m512 f32_table(__m512 code, float scale) { return _mm512_mul_ps(code, _mm512_set1_ps(scale)); }
+// the block's scaled table; rounded to bf16 (as to_bf16_bits rounds, specials included) for bf16 activations, so
+// that every path multiplies dequantize's bf16 weights
+AVX512 inline __m512 f32_table(__m512 code, float scale, bool bf16w) {
+  const __m512 v = _mm512_mul_ps(code, _mm512_set1_ps(scale));
+  if (!bf16w) return v;
+  const __m512i u = _mm512_castps_si512(v), exponent = _mm512_set1_epi32(0x7f800000);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  const __mmask16 special = _mm512_cmpeq_epi32_mask(_mm512_and_si512(u, exponent), exponent);  // inf, nan
+  const __mmask16 payload = _mm512_test_epi32_mask(u, _mm512_set1_epi32(0xffff));
+  const __m512i kept = _mm512_mask_or_epi32(u, payload, u, _mm512_set1_epi32(0x400000));
+  const __m512i top = _mm512_mask_mov_epi32(rounded, special, kept);
+  return _mm512_castsi512_ps(_mm512_and_si512(top, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
 
 // the scaled table rounded to bf16 (round to nearest even), in both halves of the 32-word vpermw table
 AVX512BF16 inline __m512i bf16_table(__m512 code, float scale) {
@@ -731,7 +749,7 @@ template <int R>
 AVX512 __attribute__((always_inline)) inline void nt_f32_decode(const Weights& w, __m512 table, int64_t n, int64_t c,
                                                                 __m512* tab, __m512* even, __m512* odd) {
   for (int r = 0; r < R; ++r) {
-    if (w.block_starts(n + r, c)) tab[r] = f32_table(table, w.scale_at(n + r, c));
+    if (w.block_starts(n + r, c)) tab[r] = f32_table(table, w.scale_at(n + r, c), w.bf16w);
     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.row(n + r) + c / 2)));
     even[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tab[r]);
     odd[r] = _mm512_permutexvar_ps(v, tab[r]);
@@ -746,7 +764,7 @@ AVX512 void nt_f32_rows(const void* x_steps, const Weights& w, const float* code
   const __m512 table = _mm512_loadu_ps(code);
   __m512 acc[R][M], tab[R], even[R], odd[R];
   for (int r = 0; r < R; ++r) {
-    tab[r] = f32_table(table, w.scale_at(n + r, k0));
+    tab[r] = f32_table(table, w.scale_at(n + r, k0), w.bf16w);
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_loadu_ps(acc_io + (r * M + m) * 16);
   }
   nt_f32_decode<R>(w, table, n, k0, tab, even, odd);
@@ -1137,7 +1155,7 @@ AVX512 __attribute__((always_inline)) inline void nn_f32_decode(const Weights& w
                                                                 bool new_line, __m512* even, __m512* odd) {
   const uint8_t* p = w.row(n) + c / 2;
   if (new_line) prefetch_next_tile(w, n, c);
-  const __m512 tab = f32_table(table, w.scale_at(n, c));
+  const __m512 tab = f32_table(table, w.scale_at(n, c), w.bf16w);
   const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   *even = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tab);
   *odd = _mm512_permutexvar_ps(v, tab);
@@ -1921,7 +1939,8 @@ void parallel_chunks(int64_t begin, int64_t end, int64_t grain, const F& fn) {
 torch::Tensor matmul_nt(torch::Tensor x, torch::Tensor packed, torch::Tensor absmax, c10::optional<torch::Tensor> nested,
                         c10::optional<torch::Tensor> dynmap, double offset, torch::Tensor code, int64_t blocksize,
                         int64_t N, int64_t K) {
-  const Weights w = make_weights(packed, make_scales(absmax, nested, dynmap, offset), blocksize, N, K);
+  Weights w = make_weights(packed, make_scales(absmax, nested, dynmap, offset), blocksize, N, K);
+  w.bf16w = x.scalar_type() == torch::kBFloat16;
   const int64_t M = x.size(0);
   TORCH_CHECK(M <= 16 && x.dim() == 2 && x.size(1) == K, "fused 4-bit products take [M <= 16, K] inputs");
   const bool bf16_out = x.scalar_type() == torch::kBFloat16 && has_avx512();
@@ -2082,7 +2101,8 @@ AVX512 void nn_reduce(const float* pp, int64_t tasks, int64_t part, int64_t M, i
 torch::Tensor matmul_nn(torch::Tensor g, torch::Tensor packed, torch::Tensor absmax,
                                      c10::optional<torch::Tensor> nested, c10::optional<torch::Tensor> dynmap,
                                      double offset, torch::Tensor code, int64_t blocksize, int64_t N, int64_t K) {
-  const Weights w = make_weights(packed, make_scales(absmax, nested, dynmap, offset), blocksize, N, K);
+  Weights w = make_weights(packed, make_scales(absmax, nested, dynmap, offset), blocksize, N, K);
+  w.bf16w = g.scalar_type() == torch::kBFloat16;
   const int64_t M = g.size(0);
   TORCH_CHECK(M <= 16 && g.dim() == 2 && g.size(1) == N, "fused 4-bit products take [M <= 16, N] inputs");
   const bool bf16 = g.scalar_type() == torch::kBFloat16 && has_bf16() && N % 2 == 0;
