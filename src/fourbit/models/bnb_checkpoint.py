@@ -101,7 +101,8 @@ def from_bnb_tensors(prefix: str, tensors: dict[str, torch.Tensor], where: str =
         )
     if q.absmax.numel() != q.n_blocks:
         raise ValueError(f"{where}: {prefix}weight.absmax has {q.absmax.numel()} entries, expected {q.n_blocks}")
-    # a NaN or infinite scale would decode its whole block to NaN (or, on paths that round to bf16, to zero): refuse it
+    # a NaN or infinite scale would decode its whole block to NaN or infinities (or zeros, where a path rounds a NaN
+    # with a full payload to bf16 as -0): refuse it
     scale_key, scales = ("weight.nested_absmax", q.nested_absmax) if q.double_quant else ("weight.absmax", q.absmax)
     bad = (~torch.isfinite(scales.float())).nonzero()
     if bad.numel():
