@@ -648,7 +648,7 @@ inline float weight_value(float scaled, bool bf16w) {
   return v;
 }
 
-void matmul_nt_scalar(const float* xe, const float* xo, int64_t M, const Weights& w, const float* code, bool bf16w,
+void matmul_nt_scalar(const float* xe, const float* xo, int64_t M, const Weights& w, const float* code,
                       float* out, int64_t n0, int64_t n1) {
   const int64_t half = w.K / 2;
   for (int64_t n = n0; n < n1; ++n) {
@@ -657,8 +657,8 @@ void matmul_nt_scalar(const float* xe, const float* xo, int64_t M, const Weights
       float acc = 0.f;
       for (int64_t j = 0; j < half; ++j) {
         const float s = w.scale_at(n, 2 * j);
-        acc += xe[m * half + j] * weight_value(code[row[j] >> 4] * s, bf16w) +
-               xo[m * half + j] * weight_value(code[row[j] & 15] * s, bf16w);
+        acc += xe[m * half + j] * weight_value(code[row[j] >> 4] * s, w.bf16w) +
+               xo[m * half + j] * weight_value(code[row[j] & 15] * s, w.bf16w);
       }
       out[m * w.N + n] = acc;
     }
@@ -666,14 +666,14 @@ void matmul_nt_scalar(const float* xe, const float* xo, int64_t M, const Weights
 }
 
 // accumulates into oe, oo (zeroed by the caller) the packed columns [j0, j1) (output columns 2 j0 .. 2 j1)
-void matmul_nn_scalar(const float* g, int64_t M, const Weights& w, const float* code, bool bf16w, float* oe,
+void matmul_nn_scalar(const float* g, int64_t M, const Weights& w, const float* code, float* oe,
                       float* oo, int64_t j0, int64_t j1) {
   const int64_t half = w.K / 2;
   for (int64_t n = 0; n < w.N; ++n) {
     const uint8_t* row = w.row(n);
     for (int64_t j = j0; j < j1; ++j) {
       const float s = w.scale_at(n, 2 * j);
-      const float we = weight_value(code[row[j] >> 4] * s, bf16w), wo = weight_value(code[row[j] & 15] * s, bf16w);
+      const float we = weight_value(code[row[j] >> 4] * s, w.bf16w), wo = weight_value(code[row[j] & 15] * s, w.bf16w);
       for (int64_t m = 0; m < M; ++m) {
         oe[m * half + j] += g[m * w.N + n] * we;
         oo[m * half + j] += g[m * w.N + n] * wo;
@@ -1384,15 +1384,14 @@ void nn_f32_range(const void* g, const Weights& w, const float* code, float* oe,
 // ---------------------------------------------------------------------------------------------------------------
 // AVX2 products (fp32 FMA, 8 lanes): the AVX-512 fp32 paths' layouts and order of work, with a 16-entry lookup
 // built from two 8-entry vpermps and a blend (lookup16). bf16 activations are widened to fp32 and multiply the
-// scaled table rounded to bf16 (BF16W): dequantize-to-bf16's weights, as on the vdpbf16ps path.
+// scaled table rounded to bf16 (Weights::bf16w): dequantize-to-bf16's weights, as on the vdpbf16ps path.
 
-template <bool BF16W>
-AVX2 __attribute__((always_inline)) inline void scaled_table8(__m256 code_lo, __m256 code_hi, float scale, __m256* lo,
-                                                              __m256* hi) {
+AVX2 __attribute__((always_inline)) inline void scaled_table8(__m256 code_lo, __m256 code_hi, float scale, bool bf16w,
+                                                              __m256* lo, __m256* hi) {
   const __m256 s = _mm256_set1_ps(scale);
   *lo = _mm256_mul_ps(code_lo, s);
   *hi = _mm256_mul_ps(code_hi, s);
-  if constexpr (BF16W) {
+  if (bf16w) {
     *lo = _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits_x8(*lo), 16));
     *hi = _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits_x8(*hi), 16));
   }
@@ -1417,7 +1416,7 @@ AVX2 inline float reduce_add8(__m256 v) {
 // x @ W^T, rows n .. n+R of W over columns [k0, k1), x in 32-column steps (see nt_f32_rows), each step in two halves
 // of 8 bytes per row of W. The R*M accumulators (8 lanes each) stay in `acc_io` between K slices. As a 128-column
 // run starts, a cache line of each of the next R rows is fetched (see prefetch_ahead).
-template <int M, int R, bool BF16W>
+template <int M, int R>
 AVX2 void nt_avx2_rows(const float* xs, const Weights& w, const float* code, int64_t n, int64_t k0, int64_t k1,
                        float* acc_io) {
   const __m256 code_lo = _mm256_loadu_ps(code), code_hi = _mm256_loadu_ps(code + 8);
@@ -1429,7 +1428,7 @@ AVX2 void nt_avx2_rows(const float* xs, const Weights& w, const float* code, int
     for (int r = 0; r < R; ++r) {
       if (c == k0 || w.block_starts(n + r, c)) {
         __m256 lo, hi;
-        scaled_table8<BF16W>(code_lo, code_hi, w.scale_at(n + r, c), &lo, &hi);
+        scaled_table8(code_lo, code_hi, w.scale_at(n + r, c), w.bf16w, &lo, &hi);
         _mm256_store_ps(tab[r], lo);
         _mm256_store_ps(tab[r] + 8, hi);
       }
@@ -1456,18 +1455,18 @@ AVX2 void nt_avx2_rows(const float* xs, const Weights& w, const float* code, int
 // rows of W decoded together: R*M accumulators and 2R decoded vectors in the 16 vector registers
 constexpr int nt_avx2_rows_per_step(int M) { return M == 1 ? 4 : (M == 2 ? 3 : (M <= 4 ? 2 : 1)); }
 
-template <int G, bool BF16W>
+template <int G>
 AVX2 void nt_avx2_group(const float* xs, const Weights& w, const float* code, int64_t t0, int64_t count, int64_t k0,
                         int64_t k1, float* acc) {
   constexpr int R = nt_avx2_rows_per_step(G);
   int64_t r = 0;
-  for (; r + R <= count; r += R) nt_avx2_rows<G, R, BF16W>(xs, w, code, t0 + r, k0, k1, acc + r * G * 8);
-  for (; r < count; ++r) nt_avx2_rows<G, 1, BF16W>(xs, w, code, t0 + r, k0, k1, acc + r * G * 8);
+  for (; r + R <= count; r += R) nt_avx2_rows<G, R>(xs, w, code, t0 + r, k0, k1, acc + r * G * 8);
+  for (; r < count; ++r) nt_avx2_rows<G, 1>(xs, w, code, t0 + r, k0, k1, acc + r * G * 8);
 }
 
 // x @ W^T for output columns [n0, n1): tiles of 16 rows of W walked in K slices of x that fit L1; more than 8 rows of
 // x in two groups over the same tile and slice (see nt_range)
-template <int M, bool BF16W>
+template <int M>
 AVX2 void nt_avx2_range(const float* xs, const float* xs2, const Weights& w, const float* code, float* out, int64_t n0,
                         int64_t n1) {
   constexpr int G1 = M > 8 ? 8 : M, G2 = M > 8 ? M - 8 : 0, T = 16;
@@ -1479,8 +1478,8 @@ AVX2 void nt_avx2_range(const float* xs, const float* xs2, const Weights& w, con
     std::fill(acc, acc + T * M * 8, 0.f);
     for (int64_t k0 = 0; k0 < w.K; k0 += slice) {
       const int64_t k1 = std::min(w.K, k0 + slice);
-      nt_avx2_group<G1, BF16W>(xs, w, code, t0, count, k0, k1, acc);
-      if constexpr (G2 > 0) nt_avx2_group<G2, BF16W>(xs2, w, code, t0, count, k0, k1, acc2);
+      nt_avx2_group<G1>(xs, w, code, t0, count, k0, k1, acc);
+      if constexpr (G2 > 0) nt_avx2_group<G2>(xs2, w, code, t0, count, k0, k1, acc2);
     }
     for (int64_t r = 0; r < count; ++r)
       for (int m = 0; m < M; ++m) {
@@ -1492,7 +1491,7 @@ AVX2 void nt_avx2_range(const float* xs, const float* xs2, const Weights& w, con
 
 // g @ W: accumulators along K, 16 columns (8 even, 8 odd) for G rows of g (g transposed, g[n * ldg + m]); rows
 // [n0, n1) of W pass through them, each decoded weight multiplied by the broadcast g[m, n] (see nn_f32_cols)
-template <int G, bool BF16W>
+template <int G>
 AVX2 void nn_avx2_cols(const float* g, int64_t ldg, const Weights& w, const float* code, int64_t n0, int64_t n1,
                        int64_t c, float* oe, float* oo, bool first) {
   const int64_t half = w.K / 2;
@@ -1508,7 +1507,7 @@ AVX2 void nn_avx2_cols(const float* g, int64_t ldg, const Weights& w, const floa
     if (new_line && n + 2 * kNnTile < w.N)
       _mm_prefetch(reinterpret_cast<const char*>(w.row(n + 2 * kNnTile) + c / 2), _MM_HINT_T1);
     __m256 lo, hi, even, odd;
-    scaled_table8<BF16W>(code_lo, code_hi, w.scale_at(n, c), &lo, &hi);
+    scaled_table8(code_lo, code_hi, w.scale_at(n, c), w.bf16w, &lo, &hi);
     _mm256_store_ps(tab, lo);
     _mm256_store_ps(tab + 8, hi);
     decode16(w.row(n) + c / 2, tab, &even, &odd);
@@ -1526,7 +1525,7 @@ AVX2 void nn_avx2_cols(const float* g, int64_t ldg, const Weights& w, const floa
 
 // rows [r0, r1) of W into a task's partial sums oe, oo ([M, K/2] each): tiles of kNnTile rows, each over all columns
 // 16 at a time, in groups of at most 4 rows of g (8 accumulators)
-template <int M, bool BF16W>
+template <int M>
 AVX2 void nn_avx2_range(const float* g, const Weights& w, const float* code, float* oe, float* oo, int64_t r0,
                         int64_t r1) {
   const int64_t half = w.K / 2;
@@ -1537,10 +1536,10 @@ AVX2 void nn_avx2_range(const float* g, const Weights& w, const float* code, flo
         float* e = oe + m0 * half;
         float* o = oo + m0 * half;
         switch (std::min(4, M - m0)) {
-          case 1: nn_avx2_cols<1, BF16W>(g + m0, M, w, code, t0, t1, c, e, o, t0 == r0); break;
-          case 2: nn_avx2_cols<2, BF16W>(g + m0, M, w, code, t0, t1, c, e, o, t0 == r0); break;
-          case 3: nn_avx2_cols<3, BF16W>(g + m0, M, w, code, t0, t1, c, e, o, t0 == r0); break;
-          default: nn_avx2_cols<4, BF16W>(g + m0, M, w, code, t0, t1, c, e, o, t0 == r0); break;
+          case 1: nn_avx2_cols<1>(g + m0, M, w, code, t0, t1, c, e, o, t0 == r0); break;
+          case 2: nn_avx2_cols<2>(g + m0, M, w, code, t0, t1, c, e, o, t0 == r0); break;
+          case 3: nn_avx2_cols<3>(g + m0, M, w, code, t0, t1, c, e, o, t0 == r0); break;
+          default: nn_avx2_cols<4>(g + m0, M, w, code, t0, t1, c, e, o, t0 == r0); break;
         }
       }
   }
@@ -1947,8 +1946,7 @@ torch::Tensor matmul_nt(torch::Tensor x, torch::Tensor packed, torch::Tensor abs
   auto out = torch::empty({M, N}, x.options().dtype(bf16_out ? torch::kBFloat16 : torch::kFloat32));
   if (M == 0 || N == 0) return out;
   if (K == 0) return out.zero_();
-  const bool bf16_x = x.scalar_type() == torch::kBFloat16;
-  const bool bf16 = bf16_x && has_bf16() && K % 64 == 0 && blocksize >= 64;
+  const bool bf16 = w.bf16w && has_bf16() && K % 64 == 0 && blocksize >= 64;
   x = (bf16 ? x : x.to(torch::kFloat32)).contiguous();  // bf16 and fp16 widen to fp32 exactly
   const float* c = code.data_ptr<float>();
 #ifdef FOURBIT_X86
@@ -1959,8 +1957,7 @@ torch::Tensor matmul_nt(torch::Tensor x, torch::Tensor packed, torch::Tensor abs
     const float* xs2 = M > 8 ? x_in_steps(px, 8, M, K, 32, avx2_steps[1]) : xs;
     float* o = out.data_ptr<float>();
     parallel_chunks(0, N, std::max<int64_t>(16, 65536 / K), [&](int64_t n0, int64_t n1) {
-#define CALL_NT(MM) \
-  bf16_x ? nt_avx2_range<MM, true>(xs, xs2, w, c, o, n0, n1) : nt_avx2_range<MM, false>(xs, xs2, w, c, o, n0, n1)
+#define CALL_NT(MM) nt_avx2_range<MM>(xs, xs2, w, c, o, n0, n1)
       FOURBIT_SWITCH_M(M, CALL_NT)
 #undef CALL_NT
     });
@@ -1974,7 +1971,7 @@ torch::Tensor matmul_nt(torch::Tensor x, torch::Tensor packed, torch::Tensor abs
     const float* xo = x_odd.data_ptr<float>();
     float* o = out.data_ptr<float>();
     at::parallel_for(0, N, std::max<int64_t>(16, 65536 / K),
-                     [&](int64_t n0, int64_t n1) { matmul_nt_scalar(xe, xo, M, w, c, bf16_x, o, n0, n1); });
+                     [&](int64_t n0, int64_t n1) { matmul_nt_scalar(xe, xo, M, w, c, o, n0, n1); });
     return out;
   }
 #ifdef FOURBIT_AMX
@@ -2105,12 +2102,11 @@ torch::Tensor matmul_nn(torch::Tensor g, torch::Tensor packed, torch::Tensor abs
   w.bf16w = g.scalar_type() == torch::kBFloat16;
   const int64_t M = g.size(0);
   TORCH_CHECK(M <= 16 && g.dim() == 2 && g.size(1) == N, "fused 4-bit products take [M <= 16, N] inputs");
-  const bool bf16 = g.scalar_type() == torch::kBFloat16 && has_bf16() && N % 2 == 0;
+  const bool bf16 = w.bf16w && has_bf16() && N % 2 == 0;
   const float* c = code.data_ptr<float>();
 #ifdef FOURBIT_X86
-  const bool bf16_g = g.scalar_type() == torch::kBFloat16;
   if ((has_avx512() || has_avx2()) && M > 0 && N > 0 && K > 0) {
-    const bool bf16_out = bf16_g;
+    const bool bf16_out = w.bf16w;
     g = (bf16 ? g : g.to(torch::kFloat32)).contiguous();
     // g transposed into a reused buffer, the values for one row of W (bf16: a pair of rows, [N/2][M][2]) together,
     // each task transposing the rows it multiplies; plain loops, since a handful of torch ops here cost more than a
@@ -2168,8 +2164,7 @@ torch::Tensor matmul_nn(torch::Tensor g, torch::Tensor packed, torch::Tensor abs
 #undef CALL_NN
         } else {
           const float* gf = static_cast<const float*>(gp);
-#define CALL_NN(MM) \
-  bf16_g ? nn_avx2_range<MM, true>(gf, w, c, e, o, r0, r1) : nn_avx2_range<MM, false>(gf, w, c, e, o, r0, r1)
+#define CALL_NN(MM) nn_avx2_range<MM>(gf, w, c, e, o, r0, r1)
           FOURBIT_SWITCH_M(M, CALL_NN)
 #undef CALL_NN
         }
@@ -2201,7 +2196,7 @@ torch::Tensor matmul_nn(torch::Tensor g, torch::Tensor packed, torch::Tensor abs
     float* pe = oe.data_ptr<float>();
     float* po = oo.data_ptr<float>();
     at::parallel_for(0, K / 32, std::max<int64_t>(1, 65536 / (N * 32)), [&](int64_t u0, int64_t u1) {
-      matmul_nn_scalar(g.data_ptr<float>(), M, w, c, bf16_g, pe, po, u0 * 16, u1 * 16);
+      matmul_nn_scalar(g.data_ptr<float>(), M, w, c, pe, po, u0 * 16, u1 * 16);
     });
   }
   return torch::stack({oe, oo}, 2).view({M, K});  // the kernels keep even and odd columns apart
