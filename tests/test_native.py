@@ -122,6 +122,23 @@ def test_bf16_product_is_dequantize_then_bf16_matmul(rows, blocksize, double_qua
     torch.testing.assert_close(linear_4bit_t(g, q), (g.double() @ wb).bfloat16(), rtol=8e-3, atol=1e-6)
 
 
+# one row of bf16 x has its own walk, which looks the rows' scales up first, 16 blocks at a time: k = 320 gives rows of
+# 5 blocks, so runs of 16 start anywhere in a group of 256 and cross into the next one; 8256 = two slices of x, the
+# second of one step; 37 rows leave one row past the groups of 4; 9 rows of x put the ninth through it too
+@pytest.mark.parametrize("n, k", [(96, 320), (37, 8256), (8, 576)])
+@pytest.mark.parametrize("blocksize, double_quant", [(64, True), (64, False), (128, True)])
+@pytest.mark.parametrize("rows", [1, 9])
+def test_one_row_of_bf16_x_multiplies_dequantized_weights(n, k, blocksize, double_quant, rows):
+    torch.manual_seed(n + k)
+    # each group of 256 blocks (about 51 rows at k = 320) gets a different maximum, 2**0 .. 2**3 times, so a scale
+    # taken from the wrong group is far off
+    magnitude = 2.0 ** (torch.arange(n) * k // (256 * blocksize) % 4)
+    q = fourbit.quantize_4bit(torch.randn(n, k) * magnitude[:, None], "nf4", blocksize, double_quant)
+    wb = q.dequantize(torch.bfloat16).double()
+    x = torch.randn(rows, k).bfloat16()
+    torch.testing.assert_close(linear_4bit(x, q), (x.double() @ wb.t()).bfloat16(), rtol=8e-3, atol=1e-6)
+
+
 @pytest.mark.parametrize("n, k", [(96, 320), (160, 2304), (48, 128)])  # 48: x @ W^T on the tiles, g @ W not
 @pytest.mark.parametrize("blocksize, double_quant", [(64, True), (64, False), (128, True), (256, False)])
 def test_tile_unit_products(n, k, blocksize, double_quant):
