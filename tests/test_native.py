@@ -139,6 +139,22 @@ def test_one_row_of_bf16_x_multiplies_dequantized_weights(n, k, blocksize, doubl
     torch.testing.assert_close(linear_4bit(x, q), (x.double() @ wb.t()).bfloat16(), rtol=8e-3, atol=1e-6)
 
 
+# g @ W with up to 4 rows of bf16 g looks a tile's scales up first too, in one run over its rows: 130 rows are two
+# tiles of 64 and a pair; k = 384 (a multiple of 128: 128 columns per pass) and 320 (64 per pass at 3 rows, else
+# the general walk); each group of 256 blocks with its own maximum, as above
+@pytest.mark.parametrize("k", [384, 320])
+@pytest.mark.parametrize("blocksize, double_quant", [(64, True), (64, False), (128, True)])
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_few_rows_of_bf16_g_multiply_dequantized_weights(k, blocksize, double_quant, rows):
+    torch.manual_seed(k + rows)
+    n = 130
+    magnitude = 2.0 ** (torch.arange(n) * k // (256 * blocksize) % 4)
+    q = fourbit.quantize_4bit(torch.randn(n, k) * magnitude[:, None], "nf4", blocksize, double_quant)
+    wb = q.dequantize(torch.bfloat16).double()
+    g = torch.randn(rows, n).bfloat16()
+    torch.testing.assert_close(linear_4bit_t(g, q), (g.double() @ wb).bfloat16(), rtol=8e-3, atol=1e-6)
+
+
 @pytest.mark.parametrize("n, k", [(96, 320), (160, 2304), (48, 128)])  # 48: x @ W^T on the tiles, g @ W not
 @pytest.mark.parametrize("blocksize, double_quant", [(64, True), (64, False), (128, True), (256, False)])
 def test_tile_unit_products(n, k, blocksize, double_quant):
