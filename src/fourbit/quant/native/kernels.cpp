@@ -879,10 +879,11 @@ AVX512BF16 void nt_bf16_rows(const void* x_steps, const Weights& w, const float*
 // x @ W^T for one row of x (a decoded token), bf16: the same products as nt_bf16_rows, shaped for a walk bound by its
 // decode rather than by multiply-adds (2 per 64 weights against 16 at 8 rows). Measured single-threaded at 4096x4096
 // on Zen 5 (AVX512_BF16), where the decode's permutes, widening, broadcasts and conversions all issue on two pipes:
-// 0.35 -> 0.28 ms.
-// - The R rows' scales for the slice are dequantized first (dq_scales), into an array the table's multiply reads as
-//   its broadcast operand: no broadcast on those pipes, and no scale lookups (three dependent loads and their address
-//   arithmetic for each 64 weights) in the walk.
+// 0.35 -> 0.24 ms (docs/kernels.md).
+// - The R rows' scales for the slice are dequantized first (dq_scales; in one run where the slice is whole rows, the
+//   next group's codes fetched meanwhile), into an array the table's multiply reads as its broadcast operand: no
+//   broadcast on those pipes, and no scale lookups (three dependent loads and their address arithmetic for each 64
+//   weights) in the walk.
 // - Each row of W sums its even and odd columns in two accumulators: with the walk this short, one accumulator's
 //   chain of multiply-adds (6 cycles each) bounds it.
 // - Everything the walk reads per step is in locals (a pointer and the row stride): read through `w`, the fields are
@@ -894,8 +895,8 @@ constexpr int64_t kMaxSliceSteps = 128;  // nt_range's K slices at one row of bf
 // planes (`planes`, 16 registers loaded by load_map_planes) is 256 bytes, two two-register byte permutes and a blend
 // on bit 7 of the code, after which two rounds of unpacking put the bytes of each entry together. The unpacking works
 // within 128-bit lanes, so the codes are first permuted into the order that makes its output come out in block order.
-// Measured at 4096x4096: 0.7 cycles per block with a tree of float permutes over the map, 16 blocks at a time, 1.1
-// with gathers, about 0.2 with this.
+// Measured on Zen 5: about 0.3 cycles per block, against 0.7 for a tree of 8 two-register float permutes over the map
+// (16 blocks at a time) and 1.1 for gathers.
 AVX512BF16 inline void load_map_planes(const Scales& s, __m512i* planes) {
   for (int i = 0; i < 16; ++i) planes[i] = _mm512_load_si512(s.map_bytes + 64 * i);
 }
