@@ -19,13 +19,19 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _backend_choice = os.environ.get("FOURBIT_KERNELS", "auto")
 
 
+_cpu_kernels: ModuleType | None = None  # what "auto" picks on a CPU, decided on first use (a product per layer asks)
+
+
 def kernels_for(device: torch.device) -> ModuleType:
     """The kernel module for tensors on `device`: native C++ on a CPU where it builds, pure torch otherwise."""
+    global _cpu_kernels
     if _backend_choice == "torch" or device.type != "cpu":
         return torch_kernels
-    from fourbit.quant import native
+    if _cpu_kernels is None:
+        from fourbit.quant import native
 
-    return native if native.available() else torch_kernels
+        _cpu_kernels = native if native.available() else torch_kernels
+    return _cpu_kernels
 
 
 @contextlib.contextmanager

@@ -39,7 +39,8 @@ def _code_cpu(quant_type: str) -> torch.Tensor:
 
 def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """The 16 fp32 values a nibble decodes to (before scaling), indexed by nibble."""
-    return _code_cpu(quant_type).to(device)
+    table = _code_cpu(quant_type)
+    return table if device == "cpu" else table.to(device)  # CPU callers (every fused product) skip the .to
 
 
 @functools.cache
@@ -78,7 +79,8 @@ def _dynamic_map_cpu() -> torch.Tensor:
 
 def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
     """The 256 sorted fp32 values of the signed dynamic 8-bit type (saved as `weight.nested_quant_map`)."""
-    return _dynamic_map_cpu().to(device)
+    table = _dynamic_map_cpu()
+    return table if device == "cpu" else table.to(device)
 
 
 @functools.cache

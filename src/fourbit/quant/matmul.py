@@ -63,7 +63,7 @@ def _fused(kernels, rows: int, q: QuantizedTensor) -> bool:
 def linear_4bit(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     """x [..., K] @ W.T -> [..., N], in x's dtype."""
     n, k = q.shape
-    x2d = x.reshape(-1, k)
+    x2d = x if x.dim() == 2 else x.reshape(-1, k)
     kernels = kernels_for(x.device)
     if _fused(kernels, x2d.shape[0], q):
         out = kernels.matmul_nt(x2d, q)
@@ -77,7 +77,7 @@ def linear_4bit(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
 def linear_4bit_t(g: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     """g [..., N] @ W -> [..., K], in g's dtype (the gradient of linear_4bit with respect to x)."""
     n, k = q.shape
-    g2d = g.reshape(-1, n)
+    g2d = g if g.dim() == 2 else g.reshape(-1, n)
     kernels = kernels_for(g.device)
     if _fused(kernels, g2d.shape[0], q):
         out = kernels.matmul_nn(g2d, q)

@@ -100,7 +100,7 @@ def quantize_blocks(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[t
 def _scale_args(q: QuantizedTensor) -> tuple:
     if q.nested_absmax is None:
         return q.absmax, None, None, 0.0
-    return q.absmax, q.nested_absmax, dynamic_map(q.device), q.nested_offset
+    return q.absmax, q.nested_absmax, dynamic_map(), q.nested_offset
 
 
 def dequantize(q: QuantizedTensor, dtype: torch.dtype, start: int = 0, end: int | None = None,
@@ -129,7 +129,7 @@ def matmul_nn(g2d: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     """g2d [M, N] @ W, W decoded on the fly (M <= 16), in g2d's dtype, accumulated in fp32."""
     n, k = q.shape
     out = _module.matmul_nn(g2d, q.packed, *_scale_args(q), code_table(q.quant_type), q.blocksize, n, k)
-    return out.to(g2d.dtype)
+    return out if out.dtype == g2d.dtype else out.to(g2d.dtype)
 
 
 def dense_ok() -> bool:
