@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from product_reference import g_w_folds, g_w_reference
 
 import fourbit
 from fourbit.quant import native, torch_kernels, use_kernels
@@ -111,7 +112,8 @@ def test_products_long_rows_many_outputs(n):
 # blocks of 64 with double quant have their own instantiation of each product; the others take the general one
 @pytest.mark.parametrize("blocksize, double_quant", [(64, True), (64, False), (128, True)])
 def test_bf16_product_is_dequantize_then_bf16_matmul(rows, blocksize, double_quant):
-    """The bf16 path multiplies exactly the bf16 weights dequantize gives, accumulating in fp32."""
+    """The bf16 path multiplies exactly the bf16 weights dequantize gives, accumulating in fp32 (g @ W with up to 4
+    rows of g: the code table times g with the scales folded in, see g_w_reference)."""
     torch.manual_seed(2)
     n, k = 72, 320  # x @ W^T in the lanes: 4 blocks of 16 rows of W, then 8 rows over the other path
     q = fourbit.quantize_4bit(torch.randn(n, k), "nf4", blocksize, double_quant)
@@ -119,7 +121,7 @@ def test_bf16_product_is_dequantize_then_bf16_matmul(rows, blocksize, double_qua
     x = torch.randn(rows, k).bfloat16()
     g = torch.randn(rows, n).bfloat16()
     torch.testing.assert_close(linear_4bit(x, q), (x.double() @ wb.t()).bfloat16(), rtol=8e-3, atol=1e-6)
-    torch.testing.assert_close(linear_4bit_t(g, q), (g.double() @ wb).bfloat16(), rtol=8e-3, atol=1e-6)
+    torch.testing.assert_close(linear_4bit_t(g, q), g_w_reference(g, q).bfloat16(), rtol=8e-3, atol=1e-6)
 
 
 # one row of bf16 x has its own walk, which looks the rows' scales up first, 16 blocks at a time: k = 320 gives rows of
@@ -139,20 +141,22 @@ def test_one_row_of_bf16_x_multiplies_dequantized_weights(n, k, blocksize, doubl
     torch.testing.assert_close(linear_4bit(x, q), (x.double() @ wb.t()).bfloat16(), rtol=8e-3, atol=1e-6)
 
 
-# g @ W with up to 4 rows of bf16 g looks a tile's scales up first too, in one run over its rows: 130 rows are two
-# tiles of 64 and a pair; k = 384 (a multiple of 128: 128 columns per pass) and 320 (64 per pass at 3 rows, else
-# the general walk); each group of 256 blocks with its own maximum, as above
+# g @ W with up to 4 rows of bf16 g folds each block's scale into g, a tile of rows at a time, its scales looked up
+# first in one run over its rows: 130 rows are two tiles of 64 and a pair; k = 384 (a multiple of 128: 128 columns
+# per pass up to 2 rows) and 320 (64 per pass); each group of 256 blocks with its own maximum, as above, so a scale
+# taken from the wrong group, row or step is far off
 @pytest.mark.parametrize("k", [384, 320])
 @pytest.mark.parametrize("blocksize, double_quant", [(64, True), (64, False), (128, True)])
-@pytest.mark.parametrize("rows", [1, 2, 3])
-def test_few_rows_of_bf16_g_multiply_dequantized_weights(k, blocksize, double_quant, rows):
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_few_rows_of_bf16_g_fold_the_scales_into_g(k, blocksize, double_quant, rows):
     torch.manual_seed(k + rows)
     n = 130
     magnitude = 2.0 ** (torch.arange(n) * k // (256 * blocksize) % 4)
     q = fourbit.quantize_4bit(torch.randn(n, k) * magnitude[:, None], "nf4", blocksize, double_quant)
-    wb = q.dequantize(torch.bfloat16).double()
     g = torch.randn(rows, n).bfloat16()
-    torch.testing.assert_close(linear_4bit_t(g, q), (g.double() @ wb).bfloat16(), rtol=8e-3, atol=1e-6)
+    if native.cpu_path() in ("avx512-bf16", "avx512-amx"):
+        assert g_w_folds(rows, q)
+    torch.testing.assert_close(linear_4bit_t(g, q), g_w_reference(g, q).bfloat16(), rtol=8e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("n, k", [(96, 320), (160, 2304), (48, 128)])  # 48: x @ W^T on the tiles, g @ W not
@@ -166,10 +170,12 @@ def test_tile_unit_products(n, k, blocksize, double_quant):
     for rows in (2, 5, 8, 9, 16):
         x, g = torch.randn(rows, k).bfloat16(), torch.randn(rows, n).bfloat16()
         torch.testing.assert_close(linear_4bit(x, q), (x.double() @ wb.t()).bfloat16(), rtol=8e-3, atol=1e-6)
-        torch.testing.assert_close(linear_4bit_t(g, q), (g.double() @ wb).bfloat16(), rtol=8e-3, atol=1e-6)
+        torch.testing.assert_close(linear_4bit_t(g, q), g_w_reference(g, q).bfloat16(), rtol=8e-3, atol=1e-6)
 
 
+TESTS = os.path.dirname(os.path.abspath(__file__))  # product_reference, for the forced-path checks
 _PATH_CHECK = """
+import sys
 import torch, fourbit
 from fourbit.quant import native, torch_kernels, use_kernels
 from fourbit.quant.matmul import linear_4bit, linear_4bit_t
@@ -193,7 +199,10 @@ for n, k, bs in ((48, 192, 64), (37, 96, 32), (20, 128, 4096), (160, 2304, 64)):
             assert (y - want_y).abs().max() / want_y.abs().max() < tol, (m, dtype)
             assert (gx - want_gx).abs().max() / want_gx.abs().max() < tol, (m, dtype)
 # bf16 activations multiply exactly dequantize's bf16 weights on every path: with small-integer activations the fp32
-# sums are exact, so the result is the exact product rounded once to the output dtype
+# sums are exact, so the result is the exact product rounded once to the output dtype. Where g @ W folds the scales
+# into g (bf16 paths, up to 4 rows of g), it agrees with that reference as the other tests check it.
+sys.path.insert(0, {tests!r})
+from product_reference import g_w_folds, g_w_reference
 for n, k, bs in ((64, 96, 64), (64, 128, 64), (64, 128, 32)):  # K = 96 and blocks of 32: fp32 paths on bf16 CPUs
     q = fourbit.quantize_4bit(torch.randn(n, k), "nf4", bs, False)
     wb = q.dequantize(torch.bfloat16).double()
@@ -201,14 +210,17 @@ for n, k, bs in ((64, 96, 64), (64, 128, 64), (64, 128, 32)):  # K = 96 and bloc
         x, g = torch.randint(-3, 4, (m, k)).bfloat16(), torch.randint(-3, 4, (m, n)).bfloat16()
         y, gx = linear_4bit(x, q), linear_4bit_t(g, q)
         assert torch.equal(y, (x.double() @ wb.t()).to(y.dtype)), (n, k, bs, m)
-        assert torch.equal(gx, (g.double() @ wb).to(gx.dtype)), (n, k, bs, m)
+        if g_w_folds(m, q):
+            torch.testing.assert_close(gx, g_w_reference(g, q).bfloat16(), rtol=8e-3, atol=1e-6)
+        else:
+            assert torch.equal(gx, (g.double() @ wb).to(gx.dtype)), (n, k, bs, m)
 print("ok")
 """
 
 
 def test_bf16_activations_multiply_dequantized_bf16_weights_here():
     """The forced-path check (quantize, dequantize, the products, bf16 exactness) on this CPU's own path."""
-    done = subprocess.run([sys.executable, "-c", _PATH_CHECK.format(path=native.cpu_path())], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", _PATH_CHECK.format(path=native.cpu_path(), tests=TESTS)], capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
@@ -223,7 +235,7 @@ def test_every_cpu_path(path):
     if order.index(path) > order.index(native.cpu_path()):
         pytest.skip(f"this CPU has no {path}")
     env = {**os.environ, "FOURBIT_CPU_PATH": path}
-    done = subprocess.run([sys.executable, "-c", _PATH_CHECK.format(path=path)], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", _PATH_CHECK.format(path=path, tests=TESTS)], env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 

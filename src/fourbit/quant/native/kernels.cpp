@@ -1381,69 +1381,102 @@ AVX512 __attribute__((always_inline)) inline void prefetch_pair(const uint8_t* n
   }
 }
 
-// g @ W for G rows of g over pairs of rows [n0, n1) and the 32*H columns from c (H halves of 32, even and odd
-// columns apart in oe, oo), accumulating (or from zero if `first`). Tables come from `tabs` (one per pair, built for
-// the block holding c by the caller, so that both 32-column halves of a 64-column block, and both groups of 8 rows of
-// g, share them) or, without, are built here: one per pair per 64 columns.
-template <int G, int H, bool DQ64>
+// g @ W for G rows of g over pairs of rows [n0, n1) and the 32 columns from c (even and odd columns apart in oe, oo),
+// accumulating (or from zero if `first`). Tables come from `tabs` (one per pair, built for the block holding c by the
+// caller, so that both 32-column halves of a 64-column block, and both groups of 8 rows of g, share them) or, without,
+// are built here.
+template <int G, bool DQ64>
 AVX512BF16 void nn_bf16_cols(const void* g_, int64_t ldg, const Weights& w, const float* code, int64_t n0,
                              int64_t n1, int64_t c, float* oe, float* oo, bool first, const __m512i* tabs,
-                             const uint8_t* next, const float* scales = nullptr) {
+                             const uint8_t* next) {
   const uint16_t* g = static_cast<const uint16_t*>(g_);
   const int64_t half = w.K / 2;
   const __m512 table = _mm512_loadu_ps(code);
+  __m512 ae[G], ao[G];
+  for (int m = 0; m < G; ++m) {
+    ae[m] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(oe + m * half + c / 2);
+    ao[m] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(oo + m * half + c / 2);
+  }
+  // decodes pair n (and fetches the next tile's share for it)
+  auto decode = [&](int64_t n, __m512bh* even, __m512bh* odd) AVX512BF16 __attribute__((always_inline)) {
+    const uint8_t* p0 = w.row(n) + c / 2;
+    prefetch_pair<1>(next, (n - n0) / 2);
+    const __m512i tab = tabs ? _mm512_load_si512(tabs + (n - n0) / 2) : pair_table<DQ64>(w, table, n, c);
+    const __m512i a = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0)));
+    const __m512i b = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0 + half)));
+    __m512i ie, io;
+    pair_indices(a, b, _mm512_load_si512(kPairBytes[0].b), &ie, &io);
+    *even = (__m512bh)_mm512_permutexvar_epi16(ie, tab);
+    *odd = (__m512bh)_mm512_permutexvar_epi16(io, tab);
+  };
+  // the next pair decoded before this pair's multiply-adds are issued (see nt_f32_rows)
+  __m512bh even, odd;
+  decode(n0, &even, &odd);
+  for (int64_t n = n0; n < n1; n += 2) {
+    __m512bh next_even, next_odd;
+    if (n + 2 < n1) decode(n + 2, &next_even, &next_odd);
+    for (int m = 0; m < G; ++m) {
+      int32_t gg;
+      std::memcpy(&gg, g + n * ldg + 2 * m, 4);
+      const __m512bh gm = (__m512bh)_mm512_set1_epi32(gg);
+      ae[m] = _mm512_dpbf16_ps(ae[m], gm, even);
+      ao[m] = _mm512_dpbf16_ps(ao[m], gm, odd);
+    }
+    even = next_even, odd = next_odd;
+  }
+  for (int m = 0; m < G; ++m) {
+    _mm512_storeu_ps(oe + m * half + c / 2, ae[m]);
+    _mm512_storeu_ps(oo + m * half + c / 2, ao[m]);
+  }
+}
+
+// With up to 4 rows of g, where decoding the weights bounds the walk rather than the multiply-adds, each block's
+// scale is folded into g instead of into a table per pair of rows: per pair of rows, row of g and 64-column step j,
+// the dword bf16(g[m, n] * scale[n, j]) | bf16(g[m, n+1] * scale[n+1, j]) << 16 (`gs`, [pair][m][j], nb steps per row)
+// multiplies the code table rounded to bf16 (`tab`, the same in both halves, so an index needs neither a mask nor a
+// row bit). That takes the table's multiplies and conversion and the indices' masks out of the walk (M=1 4096x4096,
+// two threads, processes alternated: 0.17-0.18 -> 0.135-0.145 ms). The weights multiplied are then bf16(code) * scale
+// with g * scale rounded to bf16, not dequantize's bf16(code * scale): two roundings of 2^-9 per product instead of
+// one (measured against the fp64 product of the fp32 weights, the error norm of the bf16 result is 2.7e-3 against
+// 2.35e-3, most of it the output's own rounding).
+// g @ W for G rows of g over pairs of rows [n0, n1) and the 32*H columns from c (H halves of 32).
+template <int G, int H>
+AVX512BF16 void nn_folded_cols(const uint32_t* gs, int64_t nb, const Weights& w, __m512i tab, int64_t n0, int64_t n1,
+                               int64_t c, float* oe, float* oo, bool first, const uint8_t* next) {
+  const int64_t half = w.K / 2;
   __m512 ae[H][G], ao[H][G];
   for (int h = 0; h < H; ++h)
     for (int m = 0; m < G; ++m) {
       ae[h][m] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(oe + m * half + c / 2 + 16 * h);
       ao[h][m] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(oo + m * half + c / 2 + 16 * h);
     }
-  // decodes pair n's H halves (and fetches the next tile's share for it)
   auto decode = [&](int64_t n, __m512bh* even, __m512bh* odd) AVX512BF16 __attribute__((always_inline)) {
     const uint8_t* p0 = w.row(n) + c / 2;
-    const uint8_t* p1 = p0 + half;
     prefetch_pair<H>(next, (n - n0) / 2);
-    __m512i tab[(H + 1) / 2];
-    if (tabs) {
-      tab[0] = _mm512_load_si512(tabs + (n - n0) / 2);
-    } else if (scales) {  // the tile's, K/64 per row from row n0
-      const float* s0 = scales + (n - n0) * (w.K / 64) + c / 64;
-      for (int b = 0; b < (H + 1) / 2; ++b)
-        tab[b] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(table, _mm512_set1_ps(s0[w.K / 64 + b])),
-                                              _mm512_mul_ps(table, _mm512_set1_ps(s0[b])));
-    } else {
-      for (int b = 0; b < (H + 1) / 2; ++b) tab[b] = pair_table<DQ64>(w, table, n, c + 64 * b);
-    }
     __m512i a, b;
     if constexpr (H == 4) {
       a = _mm512_loadu_si512(p0);
-      b = _mm512_loadu_si512(p1);
-    } else if constexpr (H == 2) {
-      a = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0)));
-      b = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p1)));
+      b = _mm512_loadu_si512(p0 + half);
     } else {
-      a = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0)));
-      b = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p1)));
+      a = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0)));
+      b = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0 + half)));
     }
-    for (int h = 0; h < H; ++h) {
-      __m512i ie, io;
-      pair_indices(a, b, _mm512_load_si512(kPairBytes[h].b), &ie, &io);
-      even[h] = (__m512bh)_mm512_permutexvar_epi16(ie, tab[h / 2]);
-      odd[h] = (__m512bh)_mm512_permutexvar_epi16(io, tab[h / 2]);
+    for (int h = 0; h < H; ++h) {  // words: the byte of row n, the byte of row n+1 (high bytes zero)
+      const __m512i d = _mm512_maskz_permutex2var_epi8(0x5555555555555555ULL, a, _mm512_load_si512(kPairBytes[h].b), b);
+      even[h] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 4), tab);
+      odd[h] = (__m512bh)_mm512_permutexvar_epi16(d, tab);  // reads the low 5 bits: bit 4 picks an identical half
     }
   };
   auto multiply = [&](int64_t n, const __m512bh* even, const __m512bh* odd) AVX512BF16 __attribute__((always_inline)) {
-    for (int m = 0; m < G; ++m) {
-      int32_t gg;
-      std::memcpy(&gg, g + n * ldg + 2 * m, 4);
-      const __m512bh gm = (__m512bh)_mm512_set1_epi32(gg);
+    const uint32_t* gp = gs + (n - n0) / 2 * G * nb + c / 64;
+    for (int m = 0; m < G; ++m)
       for (int h = 0; h < H; ++h) {
+        const __m512bh gm = (__m512bh)_mm512_set1_epi32(static_cast<int>(gp[m * nb + h / 2]));
         ae[h][m] = _mm512_dpbf16_ps(ae[h][m], gm, even[h]);
         ao[h][m] = _mm512_dpbf16_ps(ao[h][m], gm, odd[h]);
       }
-    }
   };
-  if constexpr (H <= 2) {  // the next pair decoded before this pair's multiply-adds are issued (see nt_f32_rows)
+  if constexpr (H <= 2 || G == 1) {  // the next pair decoded first (see nt_f32_rows), where the registers allow
     __m512bh even[H], odd[H];
     decode(n0, even, odd);
     for (int64_t n = n0; n < n1; n += 2) {
@@ -1452,7 +1485,7 @@ AVX512BF16 void nn_bf16_cols(const void* g_, int64_t ldg, const Weights& w, cons
       multiply(n, even, odd);
       for (int h = 0; h < H; ++h) even[h] = next_even[h], odd[h] = next_odd[h];
     }
-  } else {  // H = 4: 8 decoded vectors; twice that beside the accumulators would not fit the registers
+  } else {
     for (int64_t n = n0; n < n1; n += 2) {
       __m512bh even[H], odd[H];
       decode(n, even, odd);
@@ -1466,12 +1499,42 @@ AVX512BF16 void nn_bf16_cols(const void* g_, int64_t ldg, const Weights& w, cons
     }
 }
 
+// the folded g (see nn_folded_cols) of rows [t0, t1) from their scales (`scales`: nb per row, from row t0) and g
+// ([N/2][M][2]). A pair's scales are interleaved first (row n's and row n+1's for the same step side by side), so that
+// for each row of g one multiply by (g[n], g[n+1], g[n], ...) and one conversion give 16 steps' dwords in order.
+template <int M>
+AVX512BF16 void fold_scales_into_g(const uint16_t* g, const float* scales, int64_t nb, int64_t t0, int64_t t1,
+                                   uint32_t* gs) {
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int64_t n = t0; n < t1; n += 2) {
+    const float* s0 = scales + (n - t0) * nb;
+    const float* s1 = s0 + nb;
+    __m512 g01[M];  // g[m, n], g[m, n+1] as fp32 in alternate lanes (a bf16 value is the high half of its fp32)
+    for (int m = 0; m < M; ++m) {
+      const uint16_t* gg = g + (n / 2 * M + m) * 2;
+      g01[m] = _mm512_castsi512_ps(_mm512_set1_epi64(static_cast<int64_t>(static_cast<uint64_t>(gg[0]) << 16 |
+                                                                          static_cast<uint64_t>(gg[1]) << 48)));
+    }
+    for (int64_t j = 0; j < nb; j += 16) {
+      const __mmask16 live = nb - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nb - j)) - 1);
+      const __m512 a = _mm512_maskz_loadu_ps(live, s0 + j), b = _mm512_maskz_loadu_ps(live, s1 + j);
+      const __m512 first = _mm512_permutex2var_ps(a, lo, b), second = _mm512_permutex2var_ps(a, hi, b);
+      for (int m = 0; m < M; ++m) {
+        const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(second, g01[m]), _mm512_mul_ps(first, g01[m]));
+        _mm512_mask_storeu_epi32(gs + ((n - t0) / 2 * M + m) * nb + j, live, both);
+      }
+    }
+  }
+}
+
 // bf16 g @ W over rows [r0, r1) (N even) into oe, oo, which it overwrites. Tiles of rows, each walked chunk by chunk
 // over all columns. The shape per M, measured at 4096x4096 on 2 threads:
-// - M <= 2: 128 columns per pass (a whole cache line of every row, 4H*G accumulators), tiles of 64 rows.
-// - M <= 4: 64 columns per pass.
-// - more: 32 columns per pass for at most 8 rows of g (16 accumulators), tiles of 128 or 256 rows, the pair tables built once
-//   per 64-column block and shared by both halves and both groups of g (M=8 0.69 -> 0.52 ms, M=16 1.5 -> 0.95 ms).
+// - M <= 4 (blocks of at least 64, K % 64 == 0): g folded with the tile's scales (nn_folded_cols), tiles of 64 rows,
+//   128 columns per pass for M <= 2 (a whole cache line of every row) where K allows, else 64.
+// - otherwise: 32 columns per pass for at most 8 rows of g (16 accumulators), tiles of 128 or 256 rows, the pair tables
+//   built once per 64-column block and shared by both halves and both groups of g (M=8 0.69 -> 0.52 ms, M=16 1.5 ->
+//   0.95 ms).
 template <int M, bool DQ64>
 AVX512BF16 void nn_bf16_range(const void* g, const Weights& w, const float* code, float* oe, float* oo, int64_t r0,
                               int64_t r1) {
@@ -1479,31 +1542,38 @@ AVX512BF16 void nn_bf16_range(const void* g, const Weights& w, const float* code
   auto next_tile = [&](int64_t t0, int64_t tile) { return w.row(std::max<int64_t>(0, std::min(t0 + tile, w.N - tile))); };
   const bool wide = w.mask >= 63 && w.K % 64 == 0;  // a 64-column chunk lies in one block
   if constexpr (M <= 4) {
-    constexpr int64_t TILE = 64;
-    constexpr int H = M <= 2 ? 4 : 2;
-    if (wide && w.K % (32 * H) == 0) {
-      // DQ64: the tile's scales first, in one run (see nt_bf16_one_row; M=1 single-threaded: 0.31 -> 0.28 ms), with
-      // the next tile's codes fetched ahead
+    if (wide) {
+      constexpr int64_t TILE = 64;
+      const int64_t nb = w.K / 64;
+      const bool by_planes = DQ64 && w.scales.map_bytes;  // the tile's scales in one run (see nt_bf16_one_row)
       thread_local std::vector<float> tile_scales;
-      const bool first_scales = DQ64 && w.scales.map_bytes;
+      thread_local std::vector<uint32_t> folded;
+      tile_scales.resize(TILE * nb);
+      folded.resize(TILE / 2 * M * nb);
       __m512i planes[16];
-      if (first_scales) {
-        tile_scales.resize(TILE * (w.K / 64));
-        load_map_planes(w.scales, planes);
-      }
+      if (by_planes) load_map_planes(w.scales, planes);
+      const __m512 code_f = _mm512_loadu_ps(code);
+      const __m512i tab = (__m512i)_mm512_cvtne2ps_pbh(code_f, code_f);
+      const bool h4 = M <= 2 && w.K % 128 == 0;
       for (int64_t t0 = r0; t0 < r1; t0 += TILE) {
         const int64_t t1 = std::min(r1, t0 + TILE);
-        const uint8_t* next = next_tile(t0, TILE);
-        const int64_t per_chunk = TILE * 16 * H;  // bytes of the next tile read per chunk
-        if (first_scales) {
-          dq_scales(w.scales, planes, t0 * w.K >> 6, (t1 - t0) * w.K >> 6, tile_scales.data());
-          if (t1 < r1)
-            for (int64_t i = 0; i < (std::min(r1, t1 + TILE) - t1) * w.K >> 6; i += 64)
-              _mm_prefetch(reinterpret_cast<const char*>(w.scales.qabsmax + (t1 * w.K >> 6) + i), _MM_HINT_T1);
+        if (by_planes) {  // and the next tile's codes fetched meanwhile
+          dq_scales(w.scales, planes, t0 * nb, (t1 - t0) * nb, tile_scales.data());
+          for (int64_t i = t1 * nb; i < std::min(r1, t1 + TILE) * nb; i += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(w.scales.qabsmax + i), _MM_HINT_T1);
+        } else {
+          for (int64_t n = t0; n < t1; ++n)
+            for (int64_t j = 0; j < nb; ++j) tile_scales[(n - t0) * nb + j] = w.scale_at(n, 64 * j);
         }
-        for (int64_t c = 0; c < w.K; c += 32 * H)
-          nn_bf16_cols<M, H, DQ64>(g, M, w, code, t0, t1, c, oe, oo, t0 == r0, nullptr, next + c / (32 * H) * per_chunk,
-                                   first_scales ? tile_scales.data() : nullptr);
+        fold_scales_into_g<M>(static_cast<const uint16_t*>(g), tile_scales.data(), nb, t0, t1, folded.data());
+        const uint8_t* next = next_tile(t0, TILE);
+        if (h4) {
+          for (int64_t c = 0; c < w.K; c += 128)
+            nn_folded_cols<M, 4>(folded.data(), nb, w, tab, t0, t1, c, oe, oo, t0 == r0, next + c / 128 * TILE * 64);
+        } else {
+          for (int64_t c = 0; c < w.K; c += 64)
+            nn_folded_cols<M, 2>(folded.data(), nb, w, tab, t0, t1, c, oe, oo, t0 == r0, next + c / 64 * TILE * 32);
+        }
       }
       return;
     }
@@ -1524,8 +1594,8 @@ AVX512BF16 void nn_bf16_range(const void* g, const Weights& w, const float* code
         for (int64_t n = t0; n < t1; n += 2) tabs[(n - t0) / 2] = pair_table<DQ64>(w, table, n, c);
       const __m512i* t = wide ? tabs : nullptr;
       const uint8_t* nx = next + c / 32 * TILE * 16;
-      nn_bf16_cols<G1, 1, DQ64>(g, M, w, code, t0, t1, c, oe, oo, t0 == r0, t, nx);
-      if constexpr (M > 8) nn_bf16_cols<G2, 1, DQ64>(g8, M, w, code, t0, t1, c, oe + G1 * half, oo + G1 * half, t0 == r0, t, nx);
+      nn_bf16_cols<G1, DQ64>(g, M, w, code, t0, t1, c, oe, oo, t0 == r0, t, nx);
+      if constexpr (M > 8) nn_bf16_cols<G2, DQ64>(g8, M, w, code, t0, t1, c, oe + G1 * half, oo + G1 * half, t0 == r0, t, nx);
     }
   }
 }
