@@ -142,10 +142,10 @@ def test_one_row_of_bf16_x_multiplies_dequantized_weights(n, k, blocksize, doubl
 
 
 # g @ W with up to 4 rows of bf16 g folds each block's scale into g, a tile of rows at a time, its scales looked up
-# first in one run over its rows: 130 rows are two tiles of 64 and a pair; k = 384 (a multiple of 128: 128 columns
-# per pass up to 2 rows) and 320 (64 per pass); each group of 256 blocks with its own maximum, as above, so a scale
-# taken from the wrong group, row or step is far off
-@pytest.mark.parametrize("k", [384, 320])
+# first in one run over its rows: 130 rows are two tiles of 64 and a pair; k = 512 (256 columns per pass at one row),
+# 384 (a multiple of 128: 128 columns per pass up to 2 rows) and 320 (64 per pass); each group of 256 blocks with its
+# own maximum, as above, so a scale taken from the wrong group, row or step is far off
+@pytest.mark.parametrize("k", [512, 384, 320])
 @pytest.mark.parametrize("blocksize, double_quant", [(64, True), (64, False), (128, True)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 def test_few_rows_of_bf16_g_fold_the_scales_into_g(k, blocksize, double_quant, rows):

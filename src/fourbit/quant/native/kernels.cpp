@@ -84,6 +84,19 @@ inline float load_as_float(const float* p, int64_t i) { return p[i]; }
 inline float load_as_float(const at::BFloat16* p, int64_t i) { return static_cast<float>(p[i]); }
 inline float load_as_float(const at::Half* p, int64_t i) { return static_cast<float>(p[i]); }
 
+// `count` elements of a reused scratch buffer, on pages of its own: the buffer starts on a page and the vector holds
+// a page more after it, so no page holds another buffer's data. Each thread writes its own buffers, and where two
+// threads' buffers shared pages the stores ran up to 3x slower (g @ W one row, two threads: each task's scale pass
+// 50-108 against 30-40 thousand cycles a call), presumably the other core's prefetches pulling the lines away.
+// Page-aligned, the vector paths' 64-byte loads and stores never straddle two lines either.
+template <typename T>
+T* aligned_buffer(std::vector<T>& buf, int64_t count) {
+  constexpr int64_t per_page = 4096 / sizeof(T);
+  buf.resize(count + 2 * per_page);
+  const int64_t misaligned = reinterpret_cast<uintptr_t>(buf.data()) % 4096 / sizeof(T);
+  return buf.data() + (misaligned ? per_page - misaligned : 0);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // quantize: scalar reference (any CPU)
 
@@ -921,6 +934,12 @@ AVX512BF16 inline void dq_scales(const Scales& s, const __m512i* planes, int64_t
     const __m512i lo23 = _mm512_unpacklo_epi8(plane[2], plane[3]), hi23 = _mm512_unpackhi_epi8(plane[2], plane[3]);
     const __m512i value[4] = {_mm512_unpacklo_epi16(lo01, lo23), _mm512_unpackhi_epi16(lo01, lo23),
                               _mm512_unpacklo_epi16(hi01, hi23), _mm512_unpackhi_epi16(hi01, hi23)};
+    if (left >= 64 && (b + i) >> 8 == (b + i + 63) >> 8) {  // 64 blocks under one maximum (always, when aligned)
+      const __m512 nested = _mm512_set1_ps(s.nested[(b + i) >> 8]), offset = _mm512_set1_ps(s.offset);
+      for (int j = 0; j < 4; ++j)
+        _mm512_storeu_ps(out + i + 16 * j, _mm512_add_ps(_mm512_mul_ps(_mm512_castsi512_ps(value[j]), nested), offset));
+      continue;
+    }
     for (int j = 0; j < 4 && 16 * j < left; ++j) {
       const __mmask16 store = left - 16 * j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (left - 16 * j)) - 1);
       // 16 consecutive blocks span at most two groups of 256
@@ -1382,11 +1401,12 @@ AVX512 __attribute__((always_inline)) inline void prefetch_pair(const uint8_t* n
 }
 
 // g @ W for G rows of g over pairs of rows [n0, n1) and the 32 columns from c (even and odd columns apart in oe, oo),
-// accumulating (or from zero if `first`). Tables come from `tabs` (one per pair, built for the block holding c by the
-// caller, so that both 32-column halves of a 64-column block, and both groups of 8 rows of g, share them) or, without,
-// are built here.
-template <int G, bool DQ64>
-AVX512BF16 void nn_bf16_cols(const void* g_, int64_t ldg, const Weights& w, const float* code, int64_t n0,
+// accumulating (or from zero if `first`). g holds LDG rows (a template argument: with g's stride known, GCC keeps the
+// walk's registers free, 3-5% faster at 8 rows). Tables come from `tabs` (one per pair, built for the block holding c
+// by the caller, so that both 32-column halves of a 64-column block, and both groups of 8 rows of g, share them) or,
+// without, are built here.
+template <int G, int LDG, bool DQ64>
+AVX512BF16 void nn_bf16_cols(const void* g_, const Weights& w, const float* code, int64_t n0,
                              int64_t n1, int64_t c, float* oe, float* oo, bool first, const __m512i* tabs,
                              const uint8_t* next) {
   const uint16_t* g = static_cast<const uint16_t*>(g_);
@@ -1417,7 +1437,7 @@ AVX512BF16 void nn_bf16_cols(const void* g_, int64_t ldg, const Weights& w, cons
     if (n + 2 < n1) decode(n + 2, &next_even, &next_odd);
     for (int m = 0; m < G; ++m) {
       int32_t gg;
-      std::memcpy(&gg, g + n * ldg + 2 * m, 4);
+      std::memcpy(&gg, g + n * LDG + 2 * m, 4);
       const __m512bh gm = (__m512bh)_mm512_set1_epi32(gg);
       ae[m] = _mm512_dpbf16_ps(ae[m], gm, even);
       ao[m] = _mm512_dpbf16_ps(ao[m], gm, odd);
@@ -1450,46 +1470,67 @@ AVX512BF16 void nn_folded_cols(const uint32_t* gs, int64_t nb, const Weights& w,
       ae[h][m] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(oe + m * half + c / 2 + 16 * h);
       ao[h][m] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(oo + m * half + c / 2 + 16 * h);
     }
-  auto decode = [&](int64_t n, __m512bh* even, __m512bh* odd) AVX512BF16 __attribute__((always_inline)) {
-    const uint8_t* p0 = w.row(n) + c / 2;
-    prefetch_pair<H>(next, (n - n0) / 2);
-    __m512i a, b;
-    if constexpr (H == 4) {
-      a = _mm512_loadu_si512(p0);
-      b = _mm512_loadu_si512(p0 + half);
-    } else {
-      a = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0)));
-      b = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0 + half)));
-    }
-    for (int h = 0; h < H; ++h) {  // words: the byte of row n, the byte of row n+1 (high bytes zero)
-      const __m512i d = _mm512_maskz_permutex2var_epi8(0x5555555555555555ULL, a, _mm512_load_si512(kPairBytes[h].b), b);
-      even[h] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 4), tab);
-      odd[h] = (__m512bh)_mm512_permutexvar_epi16(d, tab);  // reads the low 5 bits: bit 4 picks an identical half
-    }
-  };
-  auto multiply = [&](int64_t n, const __m512bh* even, const __m512bh* odd) AVX512BF16 __attribute__((always_inline)) {
-    const uint32_t* gp = gs + (n - n0) / 2 * G * nb + c / 64;
-    for (int m = 0; m < G; ++m)
-      for (int h = 0; h < H; ++h) {
-        const __m512bh gm = (__m512bh)_mm512_set1_epi32(static_cast<int>(gp[m * nb + h / 2]));
-        ae[h][m] = _mm512_dpbf16_ps(ae[h][m], gm, even[h]);
-        ao[h][m] = _mm512_dpbf16_ps(ao[h][m], gm, odd[h]);
-      }
-  };
-  if constexpr (H <= 2 || G == 1) {  // the next pair decoded first (see nt_f32_rows), where the registers allow
-    __m512bh even[H], odd[H];
-    decode(n0, even, odd);
+  if constexpr (H == 8) {  // 16 accumulators: each 64-column half decoded and multiplied in turn, the codes loaded first
     for (int64_t n = n0; n < n1; n += 2) {
-      __m512bh next_even[H], next_odd[H];
-      if (n + 2 < n1) decode(n + 2, next_even, next_odd);
-      multiply(n, even, odd);
-      for (int h = 0; h < H; ++h) even[h] = next_even[h], odd[h] = next_odd[h];
+      const uint8_t* p0 = w.row(n) + c / 2;
+      prefetch_pair<H>(next, (n - n0) / 2);
+      const __m512i a[2] = {_mm512_loadu_si512(p0), _mm512_loadu_si512(p0 + 64)};
+      const __m512i b[2] = {_mm512_loadu_si512(p0 + half), _mm512_loadu_si512(p0 + half + 64)};
+      const uint32_t* gp = gs + (n - n0) / 2 * G * nb + c / 64;
+      for (int h = 0; h < H; ++h) {
+        const __m512i d =
+            _mm512_maskz_permutex2var_epi8(0x5555555555555555ULL, a[h / 4], _mm512_load_si512(kPairBytes[h % 4].b), b[h / 4]);
+        const __m512bh even = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 4), tab);
+        const __m512bh odd = (__m512bh)_mm512_permutexvar_epi16(d, tab);
+        for (int m = 0; m < G; ++m) {
+          const __m512bh gm = (__m512bh)_mm512_set1_epi32(static_cast<int>(gp[m * nb + h / 2]));
+          ae[h][m] = _mm512_dpbf16_ps(ae[h][m], gm, even);
+          ao[h][m] = _mm512_dpbf16_ps(ao[h][m], gm, odd);
+        }
+      }
     }
   } else {
-    for (int64_t n = n0; n < n1; n += 2) {
+    auto decode = [&](int64_t n, __m512bh* even, __m512bh* odd) AVX512BF16 __attribute__((always_inline)) {
+      const uint8_t* p0 = w.row(n) + c / 2;
+      prefetch_pair<H>(next, (n - n0) / 2);
+      __m512i a, b;
+      if constexpr (H == 4) {
+        a = _mm512_loadu_si512(p0);
+        b = _mm512_loadu_si512(p0 + half);
+      } else {
+        a = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0)));
+        b = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0 + half)));
+      }
+      for (int h = 0; h < H; ++h) {  // words: the byte of row n, the byte of row n+1 (high bytes zero)
+        const __m512i d = _mm512_maskz_permutex2var_epi8(0x5555555555555555ULL, a, _mm512_load_si512(kPairBytes[h].b), b);
+        even[h] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 4), tab);
+        odd[h] = (__m512bh)_mm512_permutexvar_epi16(d, tab);  // reads the low 5 bits: bit 4 picks an identical half
+      }
+    };
+    auto multiply = [&](int64_t n, const __m512bh* even, const __m512bh* odd) AVX512BF16 __attribute__((always_inline)) {
+      const uint32_t* gp = gs + (n - n0) / 2 * G * nb + c / 64;
+      for (int m = 0; m < G; ++m)
+        for (int h = 0; h < H; ++h) {
+          const __m512bh gm = (__m512bh)_mm512_set1_epi32(static_cast<int>(gp[m * nb + h / 2]));
+          ae[h][m] = _mm512_dpbf16_ps(ae[h][m], gm, even[h]);
+          ao[h][m] = _mm512_dpbf16_ps(ao[h][m], gm, odd[h]);
+        }
+    };
+    if constexpr (H <= 2 || G == 1) {  // the next pair decoded first (see nt_f32_rows), where the registers allow
       __m512bh even[H], odd[H];
-      decode(n, even, odd);
-      multiply(n, even, odd);
+      decode(n0, even, odd);
+      for (int64_t n = n0; n < n1; n += 2) {
+        __m512bh next_even[H], next_odd[H];
+        if (n + 2 < n1) decode(n + 2, next_even, next_odd);
+        multiply(n, even, odd);
+        for (int h = 0; h < H; ++h) even[h] = next_even[h], odd[h] = next_odd[h];
+      }
+    } else {
+      for (int64_t n = n0; n < n1; n += 2) {
+        __m512bh even[H], odd[H];
+        decode(n, even, odd);
+        multiply(n, even, odd);
+      }
     }
   }
   for (int h = 0; h < H; ++h)
@@ -1546,33 +1587,36 @@ AVX512BF16 void nn_bf16_range(const void* g, const Weights& w, const float* code
       constexpr int64_t TILE = 64;
       const int64_t nb = w.K / 64;
       const bool by_planes = DQ64 && w.scales.map_bytes;  // the tile's scales in one run (see nt_bf16_one_row)
-      thread_local std::vector<float> tile_scales;
-      thread_local std::vector<uint32_t> folded;
-      tile_scales.resize(TILE * nb);
-      folded.resize(TILE / 2 * M * nb);
+      thread_local std::vector<float> scale_buf;
+      thread_local std::vector<uint32_t> folded_buf;
+      float* const tile_scales = aligned_buffer(scale_buf, TILE * nb);
+      uint32_t* const folded = aligned_buffer(folded_buf, TILE / 2 * M * nb);
       __m512i planes[16];
       if (by_planes) load_map_planes(w.scales, planes);
       const __m512 code_f = _mm512_loadu_ps(code);
       const __m512i tab = (__m512i)_mm512_cvtne2ps_pbh(code_f, code_f);
-      const bool h4 = M <= 2 && w.K % 128 == 0;
+      const bool h8 = M == 1 && w.K % 256 == 0, h4 = M <= 2 && w.K % 128 == 0;
       for (int64_t t0 = r0; t0 < r1; t0 += TILE) {
         const int64_t t1 = std::min(r1, t0 + TILE);
         if (by_planes) {  // and the next tile's codes fetched meanwhile
-          dq_scales(w.scales, planes, t0 * nb, (t1 - t0) * nb, tile_scales.data());
+          dq_scales(w.scales, planes, t0 * nb, (t1 - t0) * nb, tile_scales);
           for (int64_t i = t1 * nb; i < std::min(r1, t1 + TILE) * nb; i += 64)
             _mm_prefetch(reinterpret_cast<const char*>(w.scales.qabsmax + i), _MM_HINT_T1);
         } else {
           for (int64_t n = t0; n < t1; ++n)
             for (int64_t j = 0; j < nb; ++j) tile_scales[(n - t0) * nb + j] = w.scale_at(n, 64 * j);
         }
-        fold_scales_into_g<M>(static_cast<const uint16_t*>(g), tile_scales.data(), nb, t0, t1, folded.data());
+        fold_scales_into_g<M>(static_cast<const uint16_t*>(g), tile_scales, nb, t0, t1, folded);
         const uint8_t* next = next_tile(t0, TILE);
-        if (h4) {
+        if (h8) {
+          for (int64_t c = 0; c < w.K; c += 256)
+            nn_folded_cols<M, 8>(folded, nb, w, tab, t0, t1, c, oe, oo, t0 == r0, next + c / 256 * TILE * 128);
+        } else if (h4) {
           for (int64_t c = 0; c < w.K; c += 128)
-            nn_folded_cols<M, 4>(folded.data(), nb, w, tab, t0, t1, c, oe, oo, t0 == r0, next + c / 128 * TILE * 64);
+            nn_folded_cols<M, 4>(folded, nb, w, tab, t0, t1, c, oe, oo, t0 == r0, next + c / 128 * TILE * 64);
         } else {
           for (int64_t c = 0; c < w.K; c += 64)
-            nn_folded_cols<M, 2>(folded.data(), nb, w, tab, t0, t1, c, oe, oo, t0 == r0, next + c / 64 * TILE * 32);
+            nn_folded_cols<M, 2>(folded, nb, w, tab, t0, t1, c, oe, oo, t0 == r0, next + c / 64 * TILE * 32);
         }
       }
       return;
@@ -1594,8 +1638,8 @@ AVX512BF16 void nn_bf16_range(const void* g, const Weights& w, const float* code
         for (int64_t n = t0; n < t1; n += 2) tabs[(n - t0) / 2] = pair_table<DQ64>(w, table, n, c);
       const __m512i* t = wide ? tabs : nullptr;
       const uint8_t* nx = next + c / 32 * TILE * 16;
-      nn_bf16_cols<G1, DQ64>(g, M, w, code, t0, t1, c, oe, oo, t0 == r0, t, nx);
-      if constexpr (M > 8) nn_bf16_cols<G2, DQ64>(g8, M, w, code, t0, t1, c, oe + G1 * half, oo + G1 * half, t0 == r0, t, nx);
+      nn_bf16_cols<G1, M, DQ64>(g, w, code, t0, t1, c, oe, oo, t0 == r0, t, nx);
+      if constexpr (M > 8) nn_bf16_cols<G2, M, DQ64>(g8, w, code, t0, t1, c, oe + G1 * half, oo + G1 * half, t0 == r0, t, nx);
     }
   }
 }
@@ -2092,16 +2136,6 @@ Weights make_weights(const torch::Tensor& packed, const Scales& scales, int64_t 
   return {packed.data_ptr<uint8_t>(), scales, N, K, __builtin_ctzll(blocksize), blocksize - 1};
 }
 
-// `count` elements of a reused buffer, starting on a cache line: the vector paths' 64-byte loads and stores of it then
-// never straddle two lines (std::vector's own data is only 16-byte aligned)
-template <typename T>
-T* aligned_buffer(std::vector<T>& buf, int64_t count) {
-  constexpr int64_t per_line = 64 / sizeof(T);
-  buf.resize(count + per_line);
-  const int64_t misaligned = reinterpret_cast<uintptr_t>(buf.data()) % 64 / sizeof(T);
-  return buf.data() + (misaligned ? per_line - misaligned : 0);
-}
-
 // rows [m0, m1) of x [M, K] in the vector paths' step layout: [K / step][m1 - m0][even, odd][step / 2]
 template <typename T>
 const T* x_in_steps(const T* x, int64_t m0, int64_t m1, int64_t K, int64_t step, std::vector<T>& buf) {
@@ -2375,7 +2409,7 @@ torch::Tensor matmul_nn(torch::Tensor g, torch::Tensor packed, torch::Tensor abs
     // column ranges (every row, half of it each) did not (1.6x slower at M=1)
     const int64_t tiles = (N + kNnTile - 1) / kNnTile;
     const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
-    const int64_t half = K / 2, part = 2 * M * half;
+    const int64_t half = K / 2, part = (2 * M * half + 1023) / 1024 * 1024;  // each task's sums on pages of their own
     const bool dq64 = w.dq64();  // see block_scale
     // the tile unit from 2 rows of g (one row: 0.70 against 0.52 ms on the vdpbf16ps path, 4096x4096)
     const bool amx = bf16 && M >= 2 && has_amx() && K % 64 == 0 && w.mask >= 63 && N % 32 == 0;
