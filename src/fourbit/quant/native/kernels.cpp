@@ -2202,17 +2202,24 @@ AVX512 const uint32_t* x_in_pairs(const uint32_t* x, int64_t M, int64_t K, std::
 // neighbour on its sibling), the faster takes more of the work instead of waiting for it (x @ W^T at 8 rows, processes
 // alternated: median 0.562 -> 0.518 ms, fastest round unchanged). Every element is computed inside one chunk, so the
 // results do not depend on how the work was split.
-template <typename F>
-void parallel_chunks(int64_t begin, int64_t end, int64_t grain, const F& fn) {
+// `prepare` runs in each thread that takes part, before its chunks (per-thread copies of the inputs).
+template <typename P, typename F>
+void parallel_chunks(int64_t begin, int64_t end, int64_t grain, const P& prepare, const F& fn) {
   if (end <= begin) return;
   const int64_t threads = at::get_num_threads();
   const int64_t chunk = std::max(grain, (end - begin + 4 * threads - 1) / (4 * threads));
   const int64_t chunks = (end - begin + chunk - 1) / chunk;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, chunks), 1, [&](int64_t, int64_t) {
+    prepare();
     for (int64_t i = next.fetch_add(1); i < chunks; i = next.fetch_add(1))
       fn(begin + i * chunk, std::min(end, begin + (i + 1) * chunk));
   });
+}
+
+template <typename F>
+void parallel_chunks(int64_t begin, int64_t end, int64_t grain, const F& fn) {
+  parallel_chunks(begin, end, grain, [] {}, fn);
 }
 
 // x: [M, K] fp32, bf16 or fp16, M <= 16. Returns x @ W.T [M, N]: bf16 for bf16 x on the vector paths (rounded once
@@ -2287,13 +2294,15 @@ torch::Tensor matmul_nt(torch::Tensor x, torch::Tensor packed, torch::Tensor abs
   const int64_t lane_rows = lanes ? N / kBcastRows * kBcastRows : 0;
   const bool dq64 = w.dq64();
   thread_local std::vector<uint32_t> x_pairs;
+  const uint32_t* xp = nullptr;  // points into the calling thread's buffer, which the workers must not name
+  if (lanes) xp = x_in_pairs(reinterpret_cast<const uint32_t*>(x.data_ptr()), M, K, x_pairs);
+  // x in steps: each thread makes its own copy before its chunks (a copy made by the calling thread alone is read
+  // by the other core line by line from this core's cache: 8 rows, two threads, 2.5% slower), in its own buffers
   thread_local std::vector<uint16_t> bf16_steps[2];
   thread_local std::vector<float> f32_steps[2];
-  const uint32_t* xp = nullptr;  // these point into the thread_local buffers, which the workers must not name
-  const void* xs = nullptr;
-  const void* xs2 = nullptr;
-  if (lanes) xp = x_in_pairs(reinterpret_cast<const uint32_t*>(x.data_ptr()), M, K, x_pairs);
-  if (lane_rows < N) {
+  thread_local const void* xs = nullptr;
+  thread_local const void* xs2 = nullptr;
+  auto x_steps = [&] {
     const int64_t g1 = std::min<int64_t>(M, 8);
     if (bf16) {
       const uint16_t* px = reinterpret_cast<const uint16_t*>(x.data_ptr());
@@ -2304,7 +2313,7 @@ torch::Tensor matmul_nt(torch::Tensor x, torch::Tensor packed, torch::Tensor abs
       xs = x_in_steps(px, 0, g1, K, 32, f32_steps[0]);
       xs2 = M > 8 ? x_in_steps(px, 8, M, K, 32, f32_steps[1]) : xs;
     }
-  }
+  };
   auto run = [&](auto* o) {
     using OutT = std::remove_pointer_t<decltype(o)>;
     if (lanes) {  // whole blocks per chunk, so that a block's first row is a multiple of 16 (see bcast_scales)
@@ -2313,7 +2322,7 @@ torch::Tensor matmul_nt(torch::Tensor x, torch::Tensor packed, torch::Tensor abs
       });
       if (lane_rows == N) return;
     }
-    parallel_chunks(lane_rows, N, std::max<int64_t>(16, 65536 / K), [&](int64_t n0, int64_t n1) {
+    parallel_chunks(lane_rows, N, std::max<int64_t>(16, 65536 / K), x_steps, [&](int64_t n0, int64_t n1) {
       if (bf16) {
 #define CALL_NT(MM) nt_range<MM, true, OutT>(xs, xs2, w, c, o, n0, n1)
         FOURBIT_SWITCH_M(M, CALL_NT)
