@@ -191,6 +191,16 @@ def show_masked(tokenizer, data: Dataset, n: int) -> str:
 POOL_CACHE_BYTES = 64 << 20
 
 
+def _enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing: transformers 5 renamed the switch (the old name warns and goes in v6);
+    4.x has only the old one."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def train(config: TrainConfig, progress: bool = True) -> RunResult | None:
     """Fine-tune as `config` says; returns None for a dry run or --show-masked. Runs with fourbit's allocator pool
     for large CPU tensors, which keeps glibc's heap from doubling the step's resident memory."""
@@ -233,7 +243,7 @@ def _train(config: TrainConfig, progress: bool) -> RunResult | None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(describe(config))
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_activation_checkpointing(model)
     model.train()
     loss_module = LossModule(model)
     if world > 1:
