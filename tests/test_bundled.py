@@ -2,7 +2,6 @@
 it is the real one (it knows Paris, and its Q/K rows are back in Hugging Face order)."""
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -109,10 +108,9 @@ def test_q_and_k_rows_are_in_hf_order(folder):
 
 def test_second_call_reuses_the_folder(folder, cache):
     mtime = (folder / "model.safetensors").stat().st_mtime_ns
-    start = time.perf_counter()
     again = bundled_model_dir(NAME, cache_dir=cache)
-    assert again == folder and time.perf_counter() - start < 1.0
-    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+    assert again == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime  # not converted again (no timed assertion)
     assert [p.name for p in (cache / "models").iterdir()] == [folder.name]  # no temporary folder left behind
 
 
