@@ -312,6 +312,13 @@ def test_a_checkpoint_half_written_by_a_killed_process_is_removed(tmp_path):
     stale = tmp_path / f".step-000004.partial-{dead.pid}"
     stale.mkdir(parents=True)
     (stale / "adapter.safetensors").write_bytes(b"half")
+    # and an old checkpoint the killed process was deleting (pruning renames it away first)
+    doomed = tmp_path / f".step-000002.deleting-{dead.pid}"
+    doomed.mkdir()
+    (doomed / "optimizer.safetensors").write_bytes(b"half")
     save_checkpoint(tmp_path, 6, {"a": torch.ones(2)}, {}, {"step": 6}, keep=2)
-    assert not stale.exists()
+    assert not stale.exists() and not doomed.exists()
     assert [step for step, _ in checkpoint_dirs(tmp_path)] == [6]
+    for step in (8, 10):
+        save_checkpoint(tmp_path, step, {"a": torch.ones(2)}, {}, {"step": step}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000008", "step-000010"]  # pruned, nothing left over

@@ -6,6 +6,8 @@ A checkpoint is a folder `checkpoints/step-000050/` holding
   rng.safetensors         the torch RNG states (dropout, shuffling)
   state.json              step, data position, config summary
 It is filled under a temporary name, every file fsynced, then renamed: a folder with the final name is complete.
+An old checkpoint is renamed away before it is deleted, so a kill during the deletion leaves a hidden folder (removed
+as stale later), never a half-deleted one under a checkpoint's name, which pruning would no longer recognise.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"step-(\d+)")
-PARTIAL_DIR = re.compile(r"\.step-\d+\.partial-(\d+)")
+PARTIAL_DIR = re.compile(r"\.step-\d+\.(?:partial|deleting)-(\d+)")  # being written or deleted by that process
 
 
 def _alive(pid: int) -> bool:
@@ -39,6 +41,12 @@ def remove_stale_partials(root: Path) -> None:
         m = PARTIAL_DIR.fullmatch(d.name)
         if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
             shutil.rmtree(d, ignore_errors=True)
+
+
+def _remove(d: Path) -> None:
+    doomed = d.with_name(f".{d.name}.deleting-{os.getpid()}")
+    d.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:
@@ -69,11 +77,11 @@ def save_checkpoint(
         _fsync(f)
     _fsync(tmp)
     if final.exists():
-        shutil.rmtree(final)
+        _remove(final)
     tmp.rename(final)
     _fsync(root)
     for old in sorted(checkpoint_dirs(root))[:-keep]:
-        shutil.rmtree(old[1], ignore_errors=True)
+        _remove(old[1])
     remove_stale_partials(root)
     return final
 
