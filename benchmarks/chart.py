@@ -102,8 +102,10 @@ def draw(data: dict[str, dict], out: Path) -> None:
             ax.barh(y, adv - base, left=base, height=0.6, color=color, alpha=0.9)
             ax.plot([row["target"]], [y], marker="D", color="black", markersize=7, zorder=3)
             label = f"{adv:+.1f} pts" if diff else f"{adv:.2f}x"
-            ax.annotate(label, (adv, y), xytext=(4 if adv >= base else -4, 0), textcoords="offset points",
-                        ha="left" if adv >= base else "right", va="center", fontsize=9)  # fmt: skip
+            right = adv >= base  # the label beyond the bar's end and the target marker, whichever is farther out
+            at = max(adv, row["target"]) if right else min(adv, row["target"])
+            ax.annotate(label, (at, y), xytext=(7 if right else -7, 0), textcoords="offset points",
+                        ha="left" if right else "right", va="center", fontsize=9)  # fmt: skip
         names = [f"{r['metric']}\nfourbit {_value(r['fourbit'], r['unit'])} vs {_value(r['reference'], r['unit'])}"
                  + (f" ({r['peer']})" if r.get("peer") and len(str(r["peer"])) < 50 else "") for r in rows]  # fmt: skip
         ax.set_yticks(ys, names, fontsize=8)
