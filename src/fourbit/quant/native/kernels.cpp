@@ -417,6 +417,10 @@ AVX512 inline void decode32(const uint8_t* bytes, __m512 table, __m512 scale, __
   *odd = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)), table), scale);
 }
 
+// two-source permute indices taking a's and b's lanes alternately: lanes 0-7 of each (interleave_low), then 8-15
+AVX512 inline __m512i interleave_low() { return _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23); }
+AVX512 inline __m512i interleave_high() { return _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31); }
+
 template <typename T>
 AVX512 void dequantize_avx512(const uint8_t* packed, const Scales& scales, const float* code, int64_t blocksize,
                               int64_t start, int64_t end, T* out) {
@@ -424,8 +428,8 @@ AVX512 void dequantize_avx512(const uint8_t* packed, const Scales& scales, const
   dequantize_scalar(packed, scales, code, blocksize, start, head, out);
   const int shift = __builtin_ctzll(blocksize);  // blocksizes are powers of two
   const __m512 table = _mm512_loadu_ps(code);
-  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512i lo_idx = interleave_low();
+  const __m512i hi_idx = interleave_high();
   int64_t i = head;
   while (i + 32 <= end) {
     // one scale per block: the chunks of 32 up to the block's end (or the range's) share it
@@ -1558,8 +1562,8 @@ AVX512BF16 void nn_folded_cols(const uint32_t* gs, int64_t nb, const Weights& w,
 template <int M>
 AVX512BF16 void fold_scales_into_g(const uint16_t* g, const float* scales, int64_t nb, int64_t t0, int64_t t1,
                                    uint32_t* gs) {
-  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512i lo = interleave_low();
+  const __m512i hi = interleave_high();
   for (int64_t n = t0; n < t1; n += 2) {
     const float* s0 = scales + (n - t0) * nb;
     const float* s1 = s0 + nb;
@@ -2359,8 +2363,8 @@ template <typename OutT>
 AVX512 void nn_reduce(const float* pp, int64_t tasks, int64_t part, int64_t M, int64_t K, int64_t m0, int64_t m1,
                       OutT* dst) {
   const int64_t half = K / 2;
-  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512i lo = interleave_low();
+  const __m512i hi = interleave_high();
   for (int64_t m = m0; m < m1; ++m) {
     const float* e = pp + m * half;
     const float* o = e + M * half;
